@@ -1,0 +1,118 @@
+"""One way to configure a run: defaults in code, then a YAML file, then `--key value` overrides.
+
+Keys are spelled with dashes, exactly as in the shipped YAML files (`batch-size`, `learning-rate`). A key that
+the script does not know, or a value of the wrong type, is a `ConfigError` naming the key; entry scripts turn
+it into a one-line message.
+"""
+import argparse
+import os
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or on the command line that the user can fix."""
+
+
+def _coerce(key, value, types):
+    """Return value if it fits one of `types` (ints are accepted where floats are), else raise."""
+    if value is None and type(None) in types:
+        return None
+    for t in types:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is str and isinstance(value, str):
+            return value
+    expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+    shown = "null" if value is None else repr(value)
+    raise ConfigError(f"config key '{key}' expects {expected}, got {shown}")
+
+
+class Schema:
+    """The keys a script accepts: name -> (default, allowed types, one-line help).
+
+    Keys that take a number or a word (`num-workers: auto`) list both types; keys that may be unset list
+    `type(None)`.
+    """
+
+    def __init__(self, entries):
+        self.entries = entries
+
+    def defaults(self):
+        return {k: v[0] for k, v in self.entries.items()}
+
+    def check(self, cfg, source):
+        out = {}
+        for key, value in cfg.items():
+            if key not in self.entries:
+                close = [k for k in self.entries if k.replace("-", "") == key.replace("_", "").replace("-", "")]
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+            out[key] = _coerce(key, value, self.entries[key][1])
+        return out
+
+
+def load_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist; pass an existing file with --config")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
+    return data
+
+
+def parse_overrides(tokens):
+    """`['--batch-size', '64', '--use-amp', 'false']` -> {'batch-size': 64, 'use-amp': False}.
+
+    Values are read as YAML scalars so that numbers, booleans and null get their natural type.
+    """
+    out = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"expected '--key value' on the command line, got '{tok}'")
+        if "=" in tok:
+            key, raw = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"command-line key '{tok}' has no value; write '{tok} VALUE'")
+            key, raw = tok[2:], tokens[i + 1]
+            i += 2
+        key = key.replace("_", "-")
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def load_config(schema, argv, default_config, description):
+    """Merge code defaults, the YAML file (`--config`, else `default_config`) and command-line overrides."""
+    parser = argparse.ArgumentParser(description=description, add_help=True,
+                                     epilog="Any config key can be overridden as --key value.")
+    parser.add_argument("--config", default=default_config, help=f"YAML config file (default {default_config})")
+    args, rest = parser.parse_known_args(argv)
+    cfg = schema.defaults()
+    cfg.update(schema.check(load_yaml(args.config), args.config))
+    cfg.update(schema.check(parse_overrides(rest), "the command line"))
+    return cfg
+
+
+def format_config(cfg):
+    width = max(len(k) for k in cfg)
+    return "\n".join(f"  {k:<{width}} : {v}" for k, v in cfg.items())

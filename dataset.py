@@ -1,0 +1,180 @@
+"""Image-caption data: `ROOT/captions.csv` (`filename,caption`) and `ROOT/images/`.
+
+One row is one pair; an image may have several rows. Training iterates over pairs, evaluation over unique
+images and all captions. The transforms and the tokenizer call here are the only ones in the project: training,
+evaluation and inference all go through them.
+"""
+import csv
+import os
+import warnings
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from model import IMAGENET_MEAN, IMAGENET_STD
+
+
+class DataError(ValueError):
+    """A problem with a dataset folder that the user must fix (missing file, bad CSV)."""
+
+
+def read_captions(root):
+    """Return [(filename, caption)] from ROOT/captions.csv after checking it against ROOT/images/."""
+    path = os.path.join(root, "captions.csv")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: a dataset folder needs captions.csv and images/ (see datasets/README.md)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if "filename" not in columns or "caption" not in columns:
+            raise DataError(f"{path} must have the header 'filename,caption', found {','.join(columns) or 'nothing'}")
+        rows = [(r["filename"] or "", r["caption"] or "") for r in reader]
+    pairs = [(name.strip(), " ".join(cap.split())) for name, cap in rows]
+    empty = sum(1 for _, cap in pairs if not cap)
+    if empty:
+        warnings.warn(f"{path}: dropped {empty} row(s) with an empty caption", stacklevel=2)
+        pairs = [(n, c) for n, c in pairs if c]
+    if not pairs:
+        raise DataError(f"{path} has no captioned rows")
+    image_dir = os.path.join(root, "images")
+    missing = sorted({n for n, _ in pairs if not os.path.isfile(os.path.join(image_dir, n))})
+    if missing:
+        shown = ", ".join(missing[:5])
+        raise DataError(f"{len(missing)} image(s) listed in {path} are missing from {image_dir}/ "
+                        f"(first: {shown}); add them or remove their rows")
+    return pairs
+
+
+def load_image(path, min_size=None):
+    """Open any image file as 8-bit RGB.
+
+    `min_size` lets JPEG decoding run at a reduced scale (1/2, 1/4, 1/8) while the short side stays at least
+    that many pixels: the resize that follows would throw those pixels away anyway.
+    """
+    img = Image.open(path)
+    if min_size and img.format == "JPEG":
+        img.draft("RGB", (min_size, min_size))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: scale to 8 bits before RGB
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")
+
+
+def image_transform(image_size, augment=False):
+    """Evaluation: short side to `image_size` then centre crop (aspect ratio kept). Training may augment.
+
+    No horizontal flip: captions say "left" and "right".
+    """
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if augment:
+        return T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
+                          T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), *normalize])
+    return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size), *normalize])
+
+
+def tokenize(tokenizer, texts, max_length):
+    """Pad to the longest caption in this batch (not in the dataset), truncate at max_length."""
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]  # (B, T), (B, T)
+
+
+class PairDataset(Dataset):
+    """One item per caption row: (image tensor, caption, image id, skipped). Same image file -> same id.
+
+    With `strict=False` (training) an image that fails to decode is skipped: the next row whose image
+    decodes takes its place and `skipped` counts the failures, so a long run does not stop for one bad file
+    and every batch (and every process's share of it) keeps its size.
+    """
+
+    MAX_SKIPS = 16
+
+    def __init__(self, root, transform, strict=True, min_size=None):
+        self.root = root
+        self.pairs = read_captions(root)
+        self.image_files = sorted({n for n, _ in self.pairs})
+        index = {n: i for i, n in enumerate(self.image_files)}
+        self.image_ids = [index[n] for n, _ in self.pairs]
+        self.transform = transform
+        self.strict = strict
+        self.min_size = min_size
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        for skipped in range(self.MAX_SKIPS):
+            j = (i + skipped) % len(self.pairs)
+            name, caption = self.pairs[j]
+            image = open_image(os.path.join(self.root, "images", name), self.strict, self.min_size)
+            if image is not None:
+                return self.transform(image), caption, self.image_ids[j], skipped
+        raise DataError(f"{self.MAX_SKIPS} images in a row failed to decode in {self.root}/images/ "
+                        f"(from {self.pairs[i][0]}); check the files")
+
+
+class ImageDataset(Dataset):
+    """The images alone, each once (evaluation and indexing)."""
+
+    def __init__(self, paths, transform, min_size=None):
+        self.paths = paths
+        self.transform = transform
+        self.min_size = min_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(open_image(self.paths[i], strict=True, min_size=self.min_size))
+
+
+def open_image(path, strict, min_size=None):
+    try:
+        image = load_image(path, min_size)
+        image.load()
+        return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if strict:
+            raise DataError(f"cannot decode image {path}: {e}; replace or remove it") from None
+        return None
+
+
+class PairCollate:
+    """Stack images, tokenise the batch's captions, sum the skipped-image counts."""
+
+    def __init__(self, tokenizer, max_length):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, items):
+        images, captions, ids, skipped = zip(*items)
+        input_ids, attention_mask = tokenize(self.tokenizer, captions, self.max_length)
+        return {"images": torch.stack(images),  # (B, 3, H, W)
+                "input_ids": input_ids, "attention_mask": attention_mask,  # (B, T)
+                "image_ids": torch.tensor(ids, dtype=torch.long),  # (B,)
+                "skipped": sum(skipped)}
+
+
+def resolve_workers(num_workers):
+    """`auto`: one worker per core, leaving one for the main process, at most 8."""
+    if num_workers == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, cores - 1))
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise DataError(f"num-workers must be 'auto' or a whole number >= 0, got {num_workers!r}")
+    return num_workers
+
+
+def make_loader(dataset, batch_size, num_workers, device, shuffle=False, sampler=None, collate_fn=None,
+                drop_last=False):
+    workers = resolve_workers(num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate_fn, drop_last=drop_last,
+                      pin_memory=torch.device(device).type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+

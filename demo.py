@@ -1,0 +1,149 @@
+"""The built-in demo: a synthetic captioned image set and a tiny text encoder, made locally in seconds.
+
+Each image holds one shape of some colour and size at one of nine places on a noisy background; its captions
+say all four in different words ("a big red circle in the top left", "upper left: large red circle"). The
+validation split has every combination exactly once, so a perfect model reaches recall 1 and every caption
+has exactly one right image. The text encoder is a 2-layer RoBERTa with a byte-level BPE tokenizer trained on
+the training captions, saved in the ordinary Hugging Face folder format so the real loading code reads it.
+
+`python demo.py` writes it; `train.py` does the same on its own when a config sets `demo-data: true` and
+the folders are absent.
+"""
+import argparse
+import csv
+import itertools
+import os
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 230), "yellow": (240, 215, 40),
+           "purple": (140, 60, 190), "orange": (250, 140, 30), "white": (250, 250, 250), "black": (20, 20, 20)}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = {"small": 0.13, "large": 0.24}  # radius as a fraction of the image side
+PLACES = {(r, c): name for (r, c), name in zip(itertools.product(range(3), range(3)), (
+    "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"))}
+
+# Ways of saying the same thing, so the text tower has to learn meanings rather than strings.
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+PLACE_WORDS = {"top left": ("top left", "upper left"), "top": ("top", "top middle"),
+               "top right": ("top right", "upper right"), "left": ("left", "middle left"),
+               "centre": ("centre", "middle"), "right": ("right", "middle right"),
+               "bottom left": ("bottom left", "lower left"), "bottom": ("bottom", "bottom middle"),
+               "bottom right": ("bottom right", "lower right")}
+TEMPLATES = ("a {size} {colour} {shape} in the {place}",
+             "{place}: a {size} {colour} {shape}",
+             "there is a {size} {colour} {shape} at the {place}",
+             "{colour} {shape}, {size}, {place}",
+             "a picture of a {size} {shape} coloured {colour} in the {place}")
+
+IMAGE_SIDE = 96
+
+
+def all_scenes():
+    return list(itertools.product(COLOURS, SHAPES, SIZES, PLACES.values()))
+
+
+def caption(scene, rng):
+    colour, shape, size, place = scene
+    return rng.choice(TEMPLATES).format(size=rng.choice(SIZE_WORDS[size]), colour=colour, shape=shape,
+                                        place=rng.choice(PLACE_WORDS[place]))
+
+
+def draw(scene, rng):
+    colour, shape, size, place = scene
+    side = IMAGE_SIDE
+    base = np.array([rng.randint(110, 170)] * 3, dtype=np.float32)
+    pixels = base + np.random.default_rng(rng.randrange(2**32)).normal(0, 12, (side, side, 3))
+    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    row, col = next(rc for rc, name in PLACES.items() if name == place)
+    r = SIZES[size] * side * rng.uniform(0.9, 1.1)
+    # Centre somewhere inside the cell, keeping the whole shape in the picture.
+    cx = min(max((col + rng.uniform(0.3, 0.7)) * side / 3, r), side - r)
+    cy = min(max((row + rng.uniform(0.3, 0.7)) * side / 3, r), side - r)
+    pen = ImageDraw.Draw(img)
+    fill = tuple(int(v + rng.randint(-15, 15)) for v in COLOURS[colour])
+    if shape == "circle":
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        s = r * 0.85
+        pen.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif shape == "triangle":
+        pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    else:  # a five-pointed star: outer and inner points alternate
+        pts = [(cx + (r if k % 2 == 0 else r * 0.45) * np.sin(k * np.pi / 5),
+                cy - (r if k % 2 == 0 else r * 0.45) * np.cos(k * np.pi / 5)) for k in range(10)]
+        pen.polygon(pts, fill=fill)
+    return img
+
+
+def write_split(root, scenes, captions_per_image, rng):
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rows = []
+    for i, scene in enumerate(scenes):
+        name = f"{i:05d}.jpg"
+        draw(scene, rng).save(os.path.join(root, "images", name), quality=90)
+        rows += [(name, caption(scene, rng)) for _ in range(captions_per_image)]
+    tmp = os.path.join(root, "captions.csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "caption"])
+        w.writerows(rows)
+    os.replace(tmp, os.path.join(root, "captions.csv"))  # written last: its presence marks a finished split
+    return rows
+
+
+def write_text_model(folder, captions, hidden=64, layers=2, max_tokens=32):
+    """A tiny random RoBERTa and a byte-level BPE tokenizer trained on `captions`, as a Hugging Face folder."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    os.makedirs(folder, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(captions, vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(folder)  # vocab.json + merges.txt
+    config = RobertaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=2, intermediate_size=hidden * 2,
+                           max_position_embeddings=max_tokens + 2, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=2)
+    config.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # reads vocab.json/merges.txt through the real path
+    tokenizer.save_pretrained(folder)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+
+
+def make_demo(train_root, valid_root, text_model, train_images=3000, captions_per_image=3, seed=0):
+    """Write whatever of the demo is missing. Validation holds each of the 576 scenes once."""
+    rng = random.Random(seed)
+    scenes = all_scenes()
+    train_rows = None
+    if not os.path.isfile(os.path.join(train_root, "captions.csv")):
+        train_rows = write_split(train_root, [rng.choice(scenes) for _ in range(train_images)],
+                                 captions_per_image, rng)
+        print(f"demo: wrote {len(train_rows)} training pairs to {train_root}")
+    if not os.path.isfile(os.path.join(valid_root, "captions.csv")):
+        rows = write_split(valid_root, scenes, 1, random.Random(seed + 1))
+        print(f"demo: wrote {len(rows)} validation pairs to {valid_root}")
+    if not os.path.isfile(os.path.join(text_model, "config.json")):
+        if train_rows is None:
+            with open(os.path.join(train_root, "captions.csv"), newline="", encoding="utf-8") as f:
+                train_rows = [(r["filename"], r["caption"]) for r in csv.DictReader(f)]
+        write_text_model(text_model, [c for _, c in train_rows])
+        print(f"demo: wrote a tiny text encoder and tokenizer to {text_model}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train-root", default="datasets/demo/train")
+    p.add_argument("--valid-root", default="datasets/demo/valid")
+    p.add_argument("--text-model", default="pretrains/demo-text")
+    p.add_argument("--train-images", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    make_demo(a.train_root, a.valid_root, a.text_model, a.train_images, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()

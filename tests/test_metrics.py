@@ -1,0 +1,80 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metrics import format_table, retrieval_metrics, retrieval_ranks
+
+
+def features_for(sim):
+    """Features whose dot products are exactly `sim` (images = sim rows, captions = identity)."""
+    return sim.clone(), torch.eye(sim.shape[1])
+
+
+def test_one_caption_per_image_hand_made():
+    sim = torch.tensor([[0.9, 0.1, 0.2],    # image 0: own caption first -> rank 0
+                        [0.8, 0.5, 0.1],    # image 1: caption 0 beats it -> rank 1
+                        [0.7, 0.6, 0.3]])   # image 2: two captions beat it -> rank 2
+    img, txt = features_for(sim)
+    i2t, t2i = retrieval_ranks(img, txt, torch.tensor([0, 1, 2]))
+    assert i2t.tolist() == [0, 1, 2]
+    # caption 0: column [0.9, 0.8, 0.7] -> rank 0; caption 1: [0.1, 0.5, 0.6] -> rank 1; caption 2: [0.2,.1,.3] -> 0
+    assert t2i.tolist() == [0, 1, 0]
+    m = retrieval_metrics(img, txt, torch.tensor([0, 1, 2]))
+    assert m["image_to_text"]["R@1"] == pytest.approx(1 / 3)
+    assert m["text_to_image"]["R@1"] == pytest.approx(2 / 3)
+    assert m["image_to_text"]["median_rank"] == 2.0 and m["image_to_text"]["mean_rank"] == 2.0
+    assert m["rsum"] == pytest.approx(1 / 3 + 1 + 1 + 2 / 3 + 1 + 1)
+    assert m["protocol"].startswith("one caption per image")
+
+
+def test_ties_do_not_inflate_recall():
+    sim = torch.full((4, 4), 0.5)
+    img, txt = features_for(sim)
+    m = retrieval_metrics(img, txt, torch.arange(4))
+    assert m["image_to_text"]["R@1"] == 0.0 and m["text_to_image"]["R@1"] == 0.0
+    # every wrong candidate ties, so the right one ranks last (4th): inside R@5 and R@10
+    assert m["image_to_text"]["R@5"] == 1.0 and m["image_to_text"]["median_rank"] == 4.0
+
+
+def test_several_captions_per_image():
+    caption_image = torch.tensor([0, 0, 1, 1, 2, 2])
+    sim = torch.tensor([
+        # captions: c0   c1   c2   c3   c4   c5
+        [0.1, 0.9, 0.2, 0.3, 0.0, 0.0],  # image 0: its best caption c1 is first -> hit at 1
+        [0.8, 0.0, 0.7, 0.6, 0.0, 0.0],  # image 1: c0 (wrong) beats c2 -> rank 1
+        [0.5, 0.4, 0.3, 0.2, 0.1, 0.05],  # image 2: four wrong captions beat c4 -> rank 4
+    ])
+    img, txt = features_for(sim)
+    i2t, t2i = retrieval_ranks(img, txt, caption_image)
+    assert i2t.tolist() == [0, 1, 4]
+    # caption queries: c0 col [.1,.8,.5] right=img0 -> rank 2; c1 [.9,0,.4] -> 0; c2 [.2,.7,.3] -> 0;
+    # c3 [.3,.6,.2] -> 0; c4 [0,0,.1] -> 0; c5 [0,0,.05] -> 0
+    assert t2i.tolist() == [2, 0, 0, 0, 0, 0]
+    m = retrieval_metrics(img, txt, caption_image)
+    assert m["num_images"] == 3 and m["num_captions"] == 6
+    assert m["image_to_text"]["R@1"] == pytest.approx(1 / 3)
+    assert m["image_to_text"]["R@5"] == 1.0
+    assert m["text_to_image"]["R@1"] == pytest.approx(5 / 6)
+    assert "2.00 captions per image" in m["protocol"]
+    assert "R@1" in format_table(m) and "rsum" in format_table(m)
+
+
+def test_vectorised_ranks_match_a_plain_loop_and_chunking():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(50, 16), dim=-1)
+    txt = F.normalize(torch.randn(120, 16), dim=-1)
+    caption_image = torch.randint(0, 50, (120,))
+    caption_image[:50] = torch.arange(50)  # every image has at least one caption
+    sim = img @ txt.t()
+    loop_i2t = []
+    for i in range(50):
+        order = sim[i].argsort(descending=True).tolist()
+        loop_i2t.append(next(r for r, j in enumerate(order) if caption_image[j] == i))
+    loop_t2i = []
+    for j in range(120):
+        order = sim[:, j].argsort(descending=True).tolist()
+        loop_t2i.append(order.index(int(caption_image[j])))
+    i2t, t2i = retrieval_ranks(img, txt, caption_image)
+    assert i2t.tolist() == loop_i2t and t2i.tolist() == loop_t2i
+    small_i2t, small_t2i = retrieval_ranks(img, txt, caption_image, chunk=7)
+    assert small_i2t.tolist() == loop_i2t and small_t2i.tolist() == loop_t2i
