@@ -1,20 +1,36 @@
 """Symmetric InfoNCE over a batch of image-caption pairs, optionally gathered across processes."""
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def gather(x, world_size):
-    """Concatenate `x` from every process along dim 0, in rank order; the input itself when alone.
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each process the summed gradient of its own slice.
 
-    The autograd-aware all_gather sends each process's share of the gradient back to the process that
-    produced the features, so every process may compute the loss over the global batch.
+    Every process computes the same global loss, so the slice's gradient summed over processes is
+    world_size times the true one; DistributedDataParallel's averaging divides that back out, and the
+    update equals a single process's on the whole batch.
     """
+
+    @staticmethod
+    def forward(ctx, x):  # (b, D) -> (world_size * b, D)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x, world_size):
+    """Concatenate `x` from every process along dim 0, in rank order, keeping gradients; `x` when alone."""
     if world_size == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_ids(ids, world_size):

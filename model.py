@@ -84,9 +84,14 @@ def load_text_model(path, pretrained):
     except (OSError, ValueError) as e:
         raise ModelError(f"text-model '{path}' has no Hugging Face config ({str(e).splitlines()[0]}); "
                            f"see pretrains/README.md for how to download one") from None
-    model = AutoModel.from_pretrained(path) if pretrained else AutoModel.from_config(config)
-    # The pooler (a dense layer on the first token) is unused: roberta-base ships no weights for it, and
-    # unused parameters would also upset DistributedDataParallel.
+    # The pooler (a dense layer on the first token) is left out: roberta-base ships no weights for it, and
+    # unused parameters would also upset DistributedDataParallel. Encoders without the option keep theirs
+    # unused, and it is dropped below.
+    try:
+        model = AutoModel.from_pretrained(path, add_pooling_layer=False) if pretrained else \
+            AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:
+        model = AutoModel.from_pretrained(path) if pretrained else AutoModel.from_config(config)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
     return model
@@ -140,10 +145,11 @@ class RetrievalModel(nn.Module):
 
     def set_grad_checkpointing(self, enabled=True):
         self.image.grad_checkpointing = enabled
-        if enabled:
-            self.text.model.gradient_checkpointing_enable()
-        else:
-            self.text.model.gradient_checkpointing_disable()
+        text = self.text.model
+        # transformers 5 renamed the switch; older releases only have the gradient_* names.
+        on = getattr(text, "activation_checkpointing_enable", None) or text.gradient_checkpointing_enable
+        off = getattr(text, "activation_checkpointing_disable", None) or text.gradient_checkpointing_disable
+        on() if enabled else off()
 
     def freeze(self, image=False, text=False, batchnorm=False):
         """Fix a whole tower (weights and, for the image tower, BatchNorm statistics) or only BatchNorm."""

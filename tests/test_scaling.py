@@ -1,0 +1,189 @@
+"""Gradient caching, gradient checkpointing and multi-process training give the gradients of the plain step."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModel
+
+from dataset import tokenize
+from gradcache import cached_step
+from loss import ContrastiveLoss
+from model import RetrievalModel, load_tokenizer
+from tests.conftest import ROOT, tiny_train_args
+from train import plain_step
+
+B = 16
+
+
+def tiny_model(text_dir, dropout):
+    text = AutoModel.from_pretrained(str(text_dir), hidden_dropout_prob=dropout,
+                                     attention_probs_dropout_prob=dropout, add_pooling_layer=False)
+    torch.manual_seed(0)
+    model = RetrievalModel(text, "resnet18", pretrained=False, learnable_temperature=True)
+    return model.freeze(batchnorm=True).train()
+
+
+def tiny_batch(text_dir):
+    g = torch.Generator().manual_seed(1)
+    captions = [f"a {s} {c} circle in the {p}" for s in ("small", "big") for c in ("red", "blue")
+                for p in ("top", "left", "bottom", "right")][:B]
+    ids, mask = tokenize(load_tokenizer(str(text_dir)), captions, 32)
+    return {"images": torch.randn(B, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask,
+            "image_ids": torch.tensor([i // 2 for i in range(B)])}  # pairs of captions share an image
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b, tol=1e-5):
+    assert a.keys() == b.keys() and len(a) > 40
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=tol, rtol=1e-4), (n, (a[n] - b[n]).abs().max().item())
+
+
+class NoScaler:
+    def scale(self, loss):
+        return loss
+
+
+def chunked_reference(model, batch, micro):
+    """The full-batch loss on features encoded chunk by chunk *with* graphs: same dropout draws as GradCache."""
+    parts = [model(*(batch[k][s:s + micro] for k in ("images", "input_ids", "attention_mask")))
+             for s in range(0, B, micro)]
+    img, txt = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    out = ContrastiveLoss()(img, txt, parts[-1][2], batch["image_ids"])
+    out["loss"].backward()
+    return out
+
+
+def test_gradcache_equals_full_batch_without_dropout(tiny_data):
+    batch = tiny_batch(tiny_data / "text")
+    model = tiny_model(tiny_data / "text", dropout=0.0)
+    full = plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False))
+    full["loss"].backward()
+    g_full = grads(model)
+    model.zero_grad()
+    cached = cached_step(model, ContrastiveLoss(), batch, 4, torch.autocast("cpu", enabled=False), NoScaler())
+    assert cached["loss"].item() == pytest.approx(full["loss"].item(), abs=1e-5)
+    assert_same(g_full, grads(model))
+    assert "log_scale" in g_full  # the learnable temperature gets its gradient through the model too
+
+
+def test_gradcache_replays_dropout_masks(tiny_data):
+    batch = tiny_batch(tiny_data / "text")
+    model = tiny_model(tiny_data / "text", dropout=0.3)
+    torch.manual_seed(5)
+    ref = chunked_reference(model, batch, 4)
+    g_ref = grads(model)
+    model.zero_grad()
+    torch.manual_seed(5)
+    cached = cached_step(model, ContrastiveLoss(), batch, 4, torch.autocast("cpu", enabled=False), NoScaler())
+    assert cached["loss"].item() == pytest.approx(ref["loss"].item(), abs=1e-5)
+    assert_same(g_ref, grads(model))
+    # Without the replay the second pass would draw new masks: the gradients would differ.
+    model.zero_grad()
+    torch.manual_seed(6)
+    chunked_reference(model, batch, 4)
+    assert not all(torch.allclose(g_ref[n], p.grad, atol=1e-5) for n, p in model.named_parameters()
+                   if p.grad is not None)
+
+
+def test_gradcache_updates_batchnorm_statistics_once_per_chunk(tiny_data):
+    batch = tiny_batch(tiny_data / "text")
+    model = tiny_model(tiny_data / "text", dropout=0.0)
+    model.frozen["batchnorm"] = False
+    model.train()
+    bn = model.image.trunk.bn1
+    cached_step(model, ContrastiveLoss(), batch, 4, torch.autocast("cpu", enabled=False), NoScaler())
+    assert bn.num_batches_tracked.item() == B // 4  # four chunks, counted once each (not eight)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(tiny_data):
+    batch = tiny_batch(tiny_data / "text")
+    model = tiny_model(tiny_data / "text", dropout=0.0)
+    plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False))["loss"].backward()
+    g_plain = grads(model)
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False))["loss"].backward()
+    assert_same(g_plain, grads(model))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank, world_size, port, text_dir, micro, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    model = tiny_model(text_dir, dropout=0.0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    batch = tiny_batch(text_dir)
+    local = {k: v[rank * B // world_size:(rank + 1) * B // world_size] for k, v in batch.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss_fn = ContrastiveLoss(rank, world_size)
+    amp = torch.autocast("cpu", enabled=False)
+    if micro:
+        out = cached_step(ddp, loss_fn, local, micro, amp, NoScaler())
+    else:
+        out = plain_step(ddp, loss_fn, local, amp)
+        out["loss"].backward()
+    opt.step()
+    if rank == 0:
+        torch.save((out["loss"].item(), model.state_dict()), result_path)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("micro", [None, 4])
+def test_two_processes_match_one_process(tiny_data, micro, tmp_path):
+    text_dir = tiny_data / "text"
+    model = tiny_model(text_dir, dropout=0.0)
+    # SGD: the update is linear in the gradient. (Adam's first step divides by |g|, so rounding noise in
+    # near-zero gradients would show up as lr-sized differences.)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    out = plain_step(model, ContrastiveLoss(), tiny_batch(text_dir), torch.autocast("cpu", enabled=False))
+    out["loss"].backward()
+    opt.step()
+    ctx = mp.get_context("spawn")
+    port, result_path = free_port(), tmp_path / "rank0.pt"
+    procs = [ctx.Process(target=ddp_worker, args=(r, 2, port, text_dir, micro, result_path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    loss, state = torch.load(result_path)
+    assert loss == pytest.approx(out["loss"].item(), abs=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, state[k], atol=1e-5), k
+
+
+def test_torchrun_two_processes_train_and_resume(tiny_data, tmp_path):
+    """End to end: 2 CPU processes (gloo) train, write a checkpoint, and resume from it."""
+    def torchrun(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), os.path.join(ROOT, "train.py"),
+               *tiny_train_args(tiny_data, tmp_path, "--epochs", "1", *extra)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+    first = torchrun("--epochs", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("epoch 0: loss") == 1  # rank 0 alone prints
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 0 and len(ckpt["rng"]) == 2 and ckpt["step"] == 48 // 8
+    second = torchrun("--epochs", "2", "--load-checkpoint", "true", "--load-path", str(tmp_path / "last.pt"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
+    odd = torchrun("--batch-size", "7")
+    assert odd.returncode != 0 and "batch-size 7 does not divide over 2 processes" in odd.stderr
