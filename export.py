@@ -1,0 +1,108 @@
+"""Export a checkpoint's two towers to ONNX, with what a runtime needs to preprocess inputs the same way.
+
+    python export.py --model checkpoints/best.pt --out exported/
+
+writes
+    image_encoder.onnx   pixel_values (B, 3, H, W) float32, normalised -> image_embeds (B, D), L2-normalised
+    text_encoder.onnx    input_ids, attention_mask (B, T) int64         -> text_embeds (B, D), L2-normalised
+    tokenizer files      the checkpoint's tokenizer (Hugging Face format)
+    export.json          image size, mean/std, max length, logit scale, embedding size, opset
+
+Batch (B) and sequence (T) axes are dynamic. Images are resized (short side) and centre-cropped to the image
+size, scaled to [0, 1] and normalised with mean/std, as dataset.image_transform does. The graphs are traced
+with the TorchScript-based exporter (`dynamo=False`): it handles the Hugging Face text model's attention-mask
+code without graph breaks and needs no extra packages beyond `onnx`.
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+from dataset import tokenize
+from inference import INFERENCE_ERRORS, Encoder, InferenceError
+from model import IMAGENET_MEAN, IMAGENET_STD
+
+OPSET = 17  # supported by onnxruntime >= 1.14 and by the TorchScript exporter
+
+
+class ImageTower(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):  # (B, 3, H, W) -> (B, D)
+        return self.model.encode_image(pixel_values)
+
+
+class TextTower(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):  # (B, T), (B, T) -> (B, D)
+        return self.model.encode_text(input_ids, attention_mask)
+
+
+def export(encoder, out):
+    """Write both graphs, the tokenizer and export.json to `out`; returns the paths of the two graphs.
+
+    `encoder` must be on the CPU. Its text model is switched to eager attention for the trace, then back.
+    """
+    os.makedirs(out, exist_ok=True)
+    model = encoder.model.float().eval()
+    text_config = model.text.model.config
+    attention = text_config._attn_implementation
+    text_config._attn_implementation = "eager"  # plain matmul attention traces to portable ops
+    size = encoder.image_size
+    images = torch.randn(2, 3, size, size)  # (B, 3, H, W), example input only
+    ids, mask = tokenize(encoder.tokenizer, ["an example", "an example caption, padded"], encoder.max_length)
+    paths = {"image": os.path.join(out, "image_encoder.onnx"), "text": os.path.join(out, "text_encoder.onnx")}
+    try:
+        _export_graphs(model, images, ids, mask, paths)
+    finally:
+        text_config._attn_implementation = attention
+    encoder.tokenizer.save_pretrained(out)
+    info = {"image_size": size, "resize": "short side to image_size (bilinear, antialiased), centre crop",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "max_length": encoder.max_length,
+            "logit_scale": encoder.logit_scale(), "embedding_dim": encoder.dim, "opset": OPSET,
+            "checkpoint": encoder.identity()}
+    with open(os.path.join(out, "export.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    return paths
+
+
+def _export_graphs(model, images, ids, mask, paths):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes, which are constant here
+        torch.onnx.export(ImageTower(model), (images,), paths["image"],
+                          input_names=["pixel_values"], output_names=["image_embeds"],
+                          dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
+        torch.onnx.export(TextTower(model), (ids, mask), paths["text"],
+                          input_names=["input_ids", "attention_mask"], output_names=["text_embeds"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                        "attention_mask": {0: "batch", 1: "sequence"},
+                                        "text_embeds": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export the image and text towers of a checkpoint to ONNX.")
+    p.add_argument("--model", required=True, help="checkpoint written by train.py")
+    p.add_argument("--out", required=True, help="folder for the .onnx graphs, tokenizer and export.json")
+    a = p.parse_args(argv)
+    try:
+        if os.path.isfile(a.out):
+            raise InferenceError(f"--out '{a.out}' is a file; pass a folder")
+        paths = export(Encoder(a.model, "cpu"), a.out)
+    except INFERENCE_ERRORS as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {paths['image']}, {paths['text']}, the tokenizer and export.json to {a.out}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
