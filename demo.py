@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 230), "yellow": (240, 215, 40),
            "purple": (140, 60, 190), "orange": (250, 140, 30), "white": (250, 250, 250), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle", "star")
-SIZES = {"small": 0.13, "large": 0.24}  # radius as a fraction of the image side
+SIZES = {"small": 0.16, "large": 0.28}  # radius as a fraction of the image side
 PLACES = {(r, c): name for (r, c), name in zip(itertools.product(range(3), range(3)), (
     "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"))}
 
