@@ -1,10 +1,11 @@
 """Image-caption data: `ROOT/captions.csv` (`filename,caption`) and `ROOT/images/`.
 
 One row is one pair; an image may have several rows. Training iterates over pairs, evaluation over unique
-images and all captions. The transforms and the tokenizer call here are the only ones in the project: training,
-evaluation and inference all go through them.
+images and all captions. The transforms, `normalize` and the tokenizer call here are the only ones in the project:
+training, evaluation and inference all go through them. Loaders yield uint8 images; `normalize` runs on the device.
 """
 import csv
+import functools
 import os
 import warnings
 
@@ -67,15 +68,37 @@ def load_image(path, min_size=None):
 
 
 def image_transform(image_size, augment=False):
-    """Evaluation: short side to `image_size` then centre crop (aspect ratio kept). Training may augment.
+    """PIL image -> uint8 (3, H, W). Evaluation: short side to `image_size` then centre crop (aspect ratio kept).
+    Training may augment. No horizontal flip: captions say "left" and "right".
 
-    No horizontal flip: captions say "left" and "right".
+    The output stays 8-bit on purpose: a quarter of the bytes of float32 go through the loader's shared memory
+    and to the GPU. `normalize` makes the model's float input once the batch is on the device.
     """
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if augment:
         return T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
-                          T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), *normalize])
-    return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size), *normalize])
+                          T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), T.PILToTensor()])
+    return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size), T.PILToTensor()])
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device):
+    """ImageNet mean and std as (3, 1, 1) float32 tensors on `device`, made once per device."""
+    def column(values):
+        return torch.tensor(values, dtype=torch.float32, device=device).view(3, 1, 1)
+    return column(IMAGENET_MEAN), column(IMAGENET_STD)
+
+
+def normalize(images):
+    """uint8 (B, 3, H, W) or (3, H, W) from `image_transform`, on any device -> float32, the model's input.
+
+    The arithmetic of `ToTensor` + `Normalize` (divide by 255, subtract the mean, divide by the std), done on the
+    device; the memory format (channels_last or not) is kept.
+    """
+    if images.dtype != torch.uint8:
+        # a float tensor here would be normalised twice without a visible error
+        raise TypeError(f"normalize expects the uint8 images of image_transform, got {images.dtype}")
+    mean, std = _mean_std(images.device)
+    return images.float().div_(255).sub_(mean).div_(std)  # .float() keeps the strides; the rest is in place
 
 
 def tokenize(tokenizer, texts, max_length):
@@ -85,7 +108,7 @@ def tokenize(tokenizer, texts, max_length):
 
 
 class PairDataset(Dataset):
-    """One item per caption row: (image tensor, caption, image id, skipped). Same image file -> same id.
+    """One item per caption row: (uint8 image tensor, caption, image id, skipped). Same image file -> same id.
 
     With `strict=False` (training) an image that fails to decode is skipped: the next row whose image
     decodes takes its place and `skipped` counts the failures, so a long run does not stop for one bad file
@@ -154,7 +177,7 @@ class PairCollate:
     def __call__(self, items):
         images, captions, ids, skipped = zip(*items)
         input_ids, attention_mask = tokenize(self.tokenizer, captions, self.max_length)
-        return {"images": torch.stack(images),  # (B, 3, H, W)
+        return {"images": torch.stack(images),  # (B, 3, H, W) uint8
                 "input_ids": input_ids, "attention_mask": attention_mask,  # (B, T)
                 "image_ids": torch.tensor(ids, dtype=torch.long),  # (B,)
                 "skipped": sum(skipped)}

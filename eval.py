@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint
 from config import ConfigError, Schema, format_config, load_config
-from dataset import DataError, ImageDataset, PairDataset, image_transform, make_loader, tokenize
+from dataset import DataError, ImageDataset, PairDataset, image_transform, make_loader, normalize, tokenize
 from metrics import format_table, retrieval_metrics
 from model import ModelError, build_model, load_tokenizer, text_length_limit
 from runtime import DeviceError, amp_context, resolve_device
@@ -42,7 +42,7 @@ def encode_images(model, paths, image_size, batch_size, num_workers, device, amp
     loader = make_loader(data, batch_size, num_workers, device)
     feats = []
     for images in tqdm(loader, desc="images", disable=not progress, leave=False):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = normalize(images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
         with amp:
             feats.append(model.encode_image(images).float())
     return torch.cat(feats)

@@ -9,8 +9,8 @@ writes
     export.json          image size, mean/std, max length, logit scale, embedding size, opset
 
 Batch (B) and sequence (T) axes are dynamic. Images are resized (short side) and centre-cropped to the image
-size, scaled to [0, 1] and normalised with mean/std, as dataset.image_transform does. The graphs are traced
-with the TorchScript-based exporter (`dynamo=False`): it handles the Hugging Face text model's attention-mask
+size, scaled to [0, 1] and normalised with mean/std, as dataset.image_transform + dataset.normalize do. The
+graphs are traced with the TorchScript-based exporter (`dynamo=False`): it handles the Hugging Face text model's attention-mask
 code without graph breaks and needs no extra packages beyond `onnx`.
 """
 import argparse

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataset import DataError, image_transform, make_loader, open_image
+from dataset import DataError, image_transform, make_loader, normalize, open_image
 from eval import USER_ERRORS, encode_texts, load_trained
 from runtime import amp_context, resolve_device
 
@@ -63,7 +63,7 @@ class Encoder:
         self.model_path = model_path
         self.image_size = self.run_cfg["image-size"]
         self.max_length = self.run_cfg["max-length"]
-        self.transform = image_transform(self.image_size)  # the eval transform: resize, centre crop, normalise
+        self.transform = image_transform(self.image_size)  # the eval transform: resize, centre crop, to uint8
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.amp = amp_context(self.device, use_amp, amp_dtype)
@@ -126,8 +126,8 @@ class Encoder:
         feats = torch.cat(feats) if feats else torch.empty(0, self.dim)
         return feats, kept, failed  # (M, D), [M indices into paths], [(index, reason)]
 
-    def _encode_batch(self, images):  # (B, 3, H, W) -> (B, D)
-        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+    def _encode_batch(self, images):  # uint8 (B, 3, H, W) -> (B, D); normalised here, on the device
+        images = normalize(images.to(self.device).contiguous(memory_format=torch.channels_last))
         with self.amp:
             return self.model.encode_image(images).float().cpu()
 

@@ -2,44 +2,64 @@
 
 The rank of a query is the number of wrong candidates that score at least as high as its best right one, so a
 tie is counted against the model: a constant similarity matrix gets recall ~0, not 1.
+
+Up to MAX_MATRIX similarities (COCO 5k images x 25k captions fits) come from one matrix product that both
+directions read; beyond that the product is made in slices of rows, then of columns, to bound memory.
 """
 import torch
 
 KS = (1, 5, 10)
+MAX_MATRIX = 2**27  # similarities made in one product: 512 MiB of float32
 
 
-def _ranks_i2t(sim, pos):
-    """sim (Ni, Nc), pos (Ni, Nc) bool -> (Ni,) 0-based rank of each image's best right caption."""
-    best = sim.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)  # (Ni, 1)
-    return ((sim >= best) & ~pos).sum(dim=1)
+def caption_table(caption_image, num_images):
+    """(Ni, M) indices of each image's captions, M = the most captions any image has (at least 1); -1 pads."""
+    counts = torch.bincount(caption_image, minlength=num_images)  # (Ni,)
+    order = torch.argsort(caption_image, stable=True)  # caption indices grouped by image
+    image = caption_image[order]
+    first = torch.cumsum(counts, 0) - counts  # (Ni,) where each image's group starts in `order`
+    slot = torch.arange(len(order), device=order.device) - first[image]  # position inside the group
+    width = max(1, int(counts.max())) if len(counts) else 1
+    table = torch.full((num_images, width), -1, dtype=torch.long, device=caption_image.device)
+    table[image, slot] = order
+    return table
+
+
+def _ranks_i2t(sim, table):
+    """sim (n, Nc), table (n, M) the n images' caption indices (-1 = none) -> (n,) 0-based rank of each image's
+    best right caption: wrong captions scoring at least as high."""
+    real = table >= 0
+    right = sim.gather(1, table.clamp(min=0)).masked_fill(~real, float("-inf"))  # (n, M)
+    best = right.amax(dim=1, keepdim=True)  # (n, 1); -inf for an image without captions: all Nc rank above
+    # every caption at or above the best, less the right ones among them (those tied with the best)
+    return (sim >= best).sum(dim=1) - ((right >= best) & real).sum(dim=1)
 
 
 def _ranks_t2i(sim, caption_image):
-    """sim (Ni, Nc) -> (Nc,) 0-based rank of each caption's image among all images."""
-    right = sim.gather(0, caption_image[None, :])  # (1, Nc)
-    wrong_ge = (sim >= right).sum(dim=0) - 1  # the right image itself always counts once
-    return wrong_ge
+    """sim (Ni, n) for n captions -> (n,) 0-based rank of each caption's image among all images."""
+    right = sim.gather(0, caption_image[None, :])  # (1, n)
+    return (sim >= right).sum(dim=0) - 1  # the right image itself always counts once
 
 
 @torch.no_grad()
-def retrieval_ranks(image_features, text_features, caption_image, chunk=2048):
+def retrieval_ranks(image_features, text_features, caption_image, chunk=2048, max_matrix=MAX_MATRIX):
     """0-based ranks for every image query (image -> text) and every caption query (text -> image).
 
     image_features (Ni, D) and text_features (Nc, D), L2-normalised; caption_image (Nc,) gives each caption's
-    image index. The similarity matrix is built `chunk` rows or columns at a time to bound memory.
+    image index. With Ni * Nc <= `max_matrix` the (Ni, Nc) similarity matrix is made once and read both ways;
+    otherwise it is made `chunk` rows, then `chunk` columns, at a time.
     """
     img, txt = image_features.float(), text_features.float()
     caption_image = caption_image.to(img.device)
     ni, nc = img.shape[0], txt.shape[0]
-    i2t = torch.empty(ni, dtype=torch.long, device=img.device)
-    for s in range(0, ni, chunk):
-        sim = img[s:s + chunk] @ txt.t()  # (c, Nc)
-        rows = torch.arange(s, min(s + chunk, ni), device=img.device)
-        i2t[s:s + chunk] = _ranks_i2t(sim, caption_image[None, :] == rows[:, None])
-    t2i = torch.empty(nc, dtype=torch.long, device=img.device)
-    for s in range(0, nc, chunk):
-        sim = img @ txt[s:s + chunk].t()  # (Ni, c)
-        t2i[s:s + chunk] = _ranks_t2i(sim, caption_image[s:s + chunk])
+    table = caption_table(caption_image, ni)  # (Ni, M)
+    if ni * nc <= max_matrix:
+        sim = img @ txt.t()  # (Ni, Nc)
+        return _ranks_i2t(sim, table).cpu(), _ranks_t2i(sim, caption_image).cpu()
+    i2t = torch.cat([_ranks_i2t(img[s:s + chunk] @ txt.t(), table[s:s + chunk])  # (c, Nc) per slice
+                     for s in range(0, ni, chunk)])
+    t2i = torch.cat([_ranks_t2i(img @ txt[s:s + chunk].t(), caption_image[s:s + chunk])  # (Ni, c) per slice
+                     for s in range(0, nc, chunk)])
     return i2t.cpu(), t2i.cpu()
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from config import ConfigError, Schema, format_config, load_config
-from dataset import DataError, PairCollate, PairDataset, image_transform, make_loader
+from dataset import DataError, PairCollate, PairDataset, image_transform, make_loader, normalize
 from eval import USER_ERRORS, evaluate
 from gradcache import cached_step
 from loss import ContrastiveLoss
@@ -114,7 +114,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
     for batch in bar:
         skipped += batch.pop("skipped")
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        batch["images"] = normalize(batch["images"].contiguous(memory_format=torch.channels_last))  # uint8 -> float
         optimizer.zero_grad(set_to_none=True)
         if micro and micro < batch["images"].shape[0]:
             out = cached_step(model, loss_fn, batch, micro, amp, scaler)

@@ -1,11 +1,13 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
-from dataset import DataError, PairCollate, PairDataset, image_transform, load_image, read_captions
-from model import load_tokenizer
+from dataset import DataError, PairCollate, PairDataset, image_transform, load_image, normalize, read_captions
+from model import IMAGENET_MEAN, IMAGENET_STD, load_tokenizer
 from tests.conftest import write_csv
 
 
@@ -60,10 +62,37 @@ def test_eval_transform_keeps_aspect_ratio():
     # 64x32: a red strip on the left quarter. Short side -> 32, centre crop 32 keeps x in [16, 48): all blue.
     img = Image.new("RGB", (64, 32), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 16, 32))
-    x = image_transform(32)(img)
+    x = normalize(image_transform(32)(img)[None])[0]
     assert x.shape == (3, 32, 32)
     # Normalised red channel of pure blue is (0 - 0.485) / 0.229; a squashed image would keep red pixels.
     assert torch.allclose(x[0], torch.full((32, 32), (0 - 0.485) / 0.229), atol=1e-4)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_uint8_transform_then_normalize_equals_the_float_transform(augment):
+    # The float pipeline the loaders used to run in the workers: same geometry, then ToTensor + Normalize.
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8))
+    if augment:
+        geometry = [T.RandomResizedCrop(24, scale=(0.5, 1.0), antialias=True),
+                    T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)]
+    else:
+        geometry = [T.Resize(24, antialias=True), T.CenterCrop(24)]
+    old = T.Compose([*geometry, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.manual_seed(1)  # the same random crop and jitter for both
+    want = old(img)
+    torch.manual_seed(1)
+    pixels = image_transform(24, augment)(img)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 24)
+    assert torch.allclose(normalize(pixels), want, atol=1e-5, rtol=0)
+    batch = torch.stack([pixels, pixels]).contiguous(memory_format=torch.channels_last)  # (2, 3, 24, 24)
+    x = normalize(batch)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(x[1], want, atol=1e-5, rtol=0)
+
+
+def test_normalize_refuses_float_images():
+    with pytest.raises(TypeError, match="expects the uint8 images"):
+        normalize(torch.zeros(1, 3, 4, 4))
 
 
 def test_corrupt_image_is_skipped_in_training_and_an_error_in_eval(tiny_data, tmp_path):

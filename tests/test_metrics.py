@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from metrics import format_table, retrieval_metrics, retrieval_ranks
+from metrics import caption_table
 
 
 def features_for(sim):
@@ -78,3 +79,45 @@ def test_vectorised_ranks_match_a_plain_loop_and_chunking():
     assert i2t.tolist() == loop_i2t and t2i.tolist() == loop_t2i
     small_i2t, small_t2i = retrieval_ranks(img, txt, caption_image, chunk=7)
     assert small_i2t.tolist() == loop_i2t and small_t2i.tolist() == loop_t2i
+
+
+def tie_counting_ranks(sim, caption_image):
+    """Reference ranks by a plain loop: wrong candidates scoring at least as high as the best right one."""
+    i2t = []
+    for i in range(sim.shape[0]):
+        right = caption_image == i
+        best = sim[i][right].max() if right.any() else float("-inf")
+        i2t.append(int(((sim[i] >= best) & ~right).sum()))
+    t2i = [int((sim[:, j] >= sim[caption_image[j], j]).sum()) - 1 for j in range(sim.shape[1])]
+    return i2t, t2i
+
+
+def right_bonus(caption_image, num_images):
+    """(Ni, Nc) 1 where the caption belongs to the image."""
+    return (caption_image[None, :] == torch.arange(num_images)[:, None]).float()
+
+
+@pytest.mark.parametrize("rounded", [False, True])
+def test_one_product_and_slices_give_the_same_ranks(rounded):
+    # image 0 has 3 captions, image 1 one, image 2 none, images 3-7 two each; captions in shuffled order
+    caption_image = torch.tensor([0, 0, 0, 1] + [i for i in range(3, 8) for _ in range(2)])
+    caption_image = caption_image[torch.randperm(len(caption_image), generator=torch.Generator().manual_seed(0))]
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(8, 4, generator=g), torch.randn(len(caption_image), 4, generator=g)
+    if rounded:  # halves in 4 dimensions: many exact ties, and every dot product exact in float32
+        img, txt = (img * 2).round() / 2, (txt * 2).round() / 2
+    table = caption_table(caption_image, 8)  # (8, 3)
+    assert table.shape == (8, 3) and table[2].tolist() == [-1, -1, -1]
+    assert sorted(table[0].tolist()) == (caption_image == 0).nonzero().flatten().tolist()
+    assert table[1, 1:].tolist() == [-1, -1] and caption_image[table[1, 0]] == 1
+    assert table[4, 2] == -1 and caption_image[table[4, :2]].tolist() == [4, 4]
+    one = retrieval_ranks(img, txt, caption_image)
+    sliced = retrieval_ranks(img, txt, caption_image, chunk=3, max_matrix=10)  # 8 x 14 > 10: the sliced path
+    assert torch.equal(one[0], sliced[0]) and torch.equal(one[1], sliced[1])
+    want_i2t, want_t2i = tie_counting_ranks(img @ txt.t(), caption_image)
+    assert one[0].tolist() == want_i2t and one[1].tolist() == want_t2i
+    assert one[0][2] == len(caption_image)  # no caption to find: every caption ranks above
+    if rounded:  # the ties really touch right items: counting them in favour would change some ranks
+        strict_i2t, strict_t2i = tie_counting_ranks(img @ txt.t() + 1e-3 * right_bonus(caption_image, 8),
+                                                    caption_image)
+        assert strict_i2t != want_i2t and strict_t2i != want_t2i
