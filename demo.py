@@ -3,8 +3,8 @@
 Each image holds one shape of some colour and size at one of nine places on a noisy background; its captions
 say all four in different words ("a big red circle in the top left", "upper left: large red circle"). The
 validation split has every combination exactly once, so a perfect model reaches recall 1 and every caption
-has exactly one right image. The text encoder is a 2-layer RoBERTa with a byte-level BPE tokenizer trained on
-the training captions, saved in the ordinary Hugging Face folder format so the real loading code reads it.
+has exactly one right image. The text encoder is a 2-layer RoBERTa (hidden size 128) with a byte-level BPE tokenizer trained
+on the training captions, saved in the ordinary Hugging Face folder format so the real loading code reads it.
 
 `python demo.py` writes it; `train.py` does the same on its own when a config sets `demo-data: true` and
 the folders are absent.
@@ -94,14 +94,14 @@ def write_split(root, scenes, captions_per_image, rng):
     return rows
 
 
-def write_text_model(folder, captions, hidden=64, layers=2, max_tokens=32):
+def write_text_model(folder, captions, hidden=128, layers=2, max_tokens=32):
     """A tiny random RoBERTa and a byte-level BPE tokenizer trained on `captions`, as a Hugging Face folder."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel
 
     os.makedirs(folder, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(captions, vocab_size=400, min_frequency=1,
+    bpe.train_from_iterator(captions, vocab_size=400, min_frequency=1, show_progress=False,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     bpe.save_model(folder)  # vocab.json + merges.txt
     config = RobertaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,

@@ -105,24 +105,35 @@ def load_tokenizer(path):
                            f"see pretrains/README.md") from None
 
 
-class TextEncoder(nn.Module):
-    """A Hugging Face encoder; the feature is the first token's last hidden state (<s> / [CLS])."""
+TEXT_POOLINGS = ("first", "mean")
 
-    def __init__(self, model):
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder. The feature is the first token's last hidden state (<s> / [CLS]) by default, or
+    with `pooling="mean"` the average over the caption's real tokens (which carries every word from the first
+    step: useful when the text tower starts from random weights)."""
+
+    def __init__(self, model, pooling="first"):
         super().__init__()
+        if pooling not in TEXT_POOLINGS:
+            raise ModelError(f"text-pooling must be one of {', '.join(TEXT_POOLINGS)}, got '{pooling}'")
         self.model = model
+        self.pooling = pooling
         self.dim = model.config.hidden_size
 
     def forward(self, input_ids, attention_mask):  # (B, T), (B, T)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state[:, 0]  # (B, dim)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, dim)
+        if self.pooling == "first":
+            return hidden[:, 0]  # (B, dim)
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1): padding counts for nothing
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B, dim)
 
 
 class RetrievalModel(nn.Module):
     def __init__(self, text_model, image_model="resnet50", pretrained=True, temperature=0.07,
-                 learnable_temperature=False):
+                 learnable_temperature=False, text_pooling="first"):
         super().__init__()
-        self.text = TextEncoder(text_model)
+        self.text = TextEncoder(text_model, text_pooling)
         self.image = ImageEncoder(image_model, self.text.dim, pretrained)
         init = torch.tensor(math.log(1.0 / temperature))
         if learnable_temperature:
@@ -187,4 +198,4 @@ def build_model(cfg, pretrained=None):
     pretrained = cfg["load-pretrained"] if pretrained is None else pretrained
     text_model = load_text_model(cfg["text-model"], pretrained)
     return RetrievalModel(text_model, cfg["image-model"], pretrained, cfg["temperature"],
-                          cfg["learnable-temperature"])
+                          cfg["learnable-temperature"], cfg.get("text-pooling", "first"))

@@ -58,6 +58,7 @@ SCHEMA = Schema({
     # model
     "image-model": ("resnet50", (str,), "torchvision ResNet name"),
     "text-model": ("pretrains/roberta", (str,), "Hugging Face folder or hub id"),
+    "text-pooling": ("first", (str,), "text feature: first token's hidden state, or mean over tokens"),
     "load-pretrained": (True, (bool,), "start from ImageNet / text-model weights"),
     # checkpoints and run
     "load-checkpoint": (False, (bool,), "resume from load-path"),

@@ -69,3 +69,13 @@ def test_unreachable_imagenet_weights_say_where_to_put_the_file(tiny_data, monke
 def test_roberta_length_limit_leaves_room_for_position_offset(tiny_data):
     m = build_model(tiny_cfg(tiny_data))
     assert text_length_limit(m.text.model.config) == m.text.model.config.max_position_embeddings - 2
+
+
+def test_mean_pooling_averages_real_tokens_only(tiny_data):
+    m = build_model(tiny_cfg(tiny_data, **{"text-pooling": "mean"})).eval()
+    ids = torch.tensor([[0, 7, 8, 2, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    hidden = m.text.model(input_ids=ids, attention_mask=mask).last_hidden_state[0, :4].mean(dim=0)
+    assert torch.allclose(m.encode_text(ids, mask)[0], torch.nn.functional.normalize(hidden, dim=-1), atol=1e-6)
+    with pytest.raises(ModelError, match="text-pooling must be one of first, mean, got 'max'"):
+        build_model(tiny_cfg(tiny_data, **{"text-pooling": "max"}))
