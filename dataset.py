@@ -57,6 +57,11 @@ def load_image(path, min_size=None):
     img = Image.open(path)
     if min_size and img.format == "JPEG":
         img.draft("RGB", (min_size, min_size))
+    return to_rgb(img)
+
+
+def to_rgb(img):
+    """Any PIL image as 8-bit RGB: transparency over white, 16-bit grayscale scaled down, CMYK converted."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))

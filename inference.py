@@ -9,14 +9,13 @@ search.py, classify.py, serve.py and export.py all go through this module; the t
 call come from dataset.py, so training, evaluation and inference preprocess identically.
 """
 import hashlib
-import io
 import os
 
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataset import DataError, image_transform, make_loader, normalize, open_image
+from dataset import DataError, image_transform, make_loader, normalize, open_image, to_rgb
 from eval import USER_ERRORS, encode_texts, load_trained
 from runtime import amp_context, resolve_device
 
@@ -102,13 +101,7 @@ class Encoder:
     def _as_rgb(self, image):
         if isinstance(image, (str, os.PathLike)):
             return self.open_image(image)
-        if image.mode == "RGB":
-            return image
-        # Another mode (alpha, palette, 16-bit): go through load_image so the conversion is the training one.
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG" if image.mode != "CMYK" else "TIFF")
-        buffer.seek(0)
-        return self.open_image(buffer)
+        return to_rgb(image)  # the conversion training uses (alpha over white, 16-bit scaled, CMYK)
 
     def encode_image_files(self, paths, progress=False):
         """Encode files, skipping those that fail to decode: returns ((M, D) features, kept indices, failed)."""
