@@ -6,6 +6,7 @@ training, evaluation and inference all go through them. Loaders yield uint8 imag
 """
 import csv
 import functools
+import io
 import os
 import warnings
 
@@ -14,32 +15,77 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from engine.errors import UserError
 from model import IMAGENET_MEAN, IMAGENET_STD
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with a dataset folder that the user must fix (missing file, bad CSV)."""
 
 
-def read_captions(root):
-    """Return [(filename, caption)] from ROOT/captions.csv after checking it against ROOT/images/."""
-    path = os.path.join(root, "captions.csv")
+def read_captions_csv(path, columns=("filename", "caption")):
+    """Rows of a UTF-8 CSV as tuples of `columns`, whitespace-normalised, with its line numbers: [(line, values)].
+
+    The one reader of captions.csv-style files in the project. A byte-order mark (as spreadsheet programs save
+    it) is accepted; bytes that are not UTF-8 and a header without the columns are one-line DataErrors.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: a dataset folder needs captions.csv and images/ (see datasets/README.md)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "filename" not in columns or "caption" not in columns:
-            raise DataError(f"{path} must have the header 'filename,caption', found {','.join(columns) or 'nothing'}")
-        rows = [(r["filename"] or "", r["caption"] or "") for r in reader]
-    pairs = [(name.strip(), " ".join(cap.split())) for name, cap in rows]
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line} is not UTF-8 text; save the file as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    found = reader.fieldnames or []
+    if any(c not in found for c in columns):
+        header = ",".join(columns)
+        raise DataError(f"{path} must have the header '{header}', found {','.join(found) or 'nothing'}")
+    try:
+        return [(reader.line_num, tuple(" ".join((r[c] or "").split()) for c in columns)) for r in reader]
+    except csv.Error as e:
+        raise DataError(f"{path} line {reader.line_num} is not valid CSV ({e})") from None
+
+
+def inside(folder, name):
+    """The path of `name` under `folder`, or None when it is absolute or leads outside (`..`, a symlink)."""
+    if not name or os.path.isabs(name) or "\\" in name or ".." in name.split("/"):
+        return None
+    base = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(base, name))
+    return path if path.startswith(base + os.sep) else None
+
+
+def read_captions(root):
+    """Return [(filename, caption)] from ROOT/captions.csv after checking it against ROOT/images/.
+
+    Empty captions and exact duplicate rows are dropped with a warning; a file name that is absolute or leads
+    outside ROOT/images/ is an error naming the row, and so is a listed image that does not exist.
+    """
+    path = os.path.join(root, "captions.csv")
+    rows = read_captions_csv(path)
+    image_dir = os.path.join(root, "images")
+    first_line = {}
+    for line, (name, _) in rows:
+        first_line.setdefault(name, line)
+    for name, line in first_line.items():  # each file name once: resolving links costs a system call
+        if inside(image_dir, name) is None:
+            raise DataError(f"{path} line {line}: file name '{name[:80]}' is absolute or leads outside "
+                            f"{image_dir}/; file names must be relative paths inside images/")
+    pairs = [values for _, values in rows]
     empty = sum(1 for _, cap in pairs if not cap)
     if empty:
         warnings.warn(f"{path}: dropped {empty} row(s) with an empty caption", stacklevel=2)
         pairs = [(n, c) for n, c in pairs if c]
+    unique = list(dict.fromkeys(pairs))
+    if len(unique) < len(pairs):
+        warnings.warn(f"{path}: dropped {len(pairs) - len(unique)} exact duplicate row(s) (same file and caption); "
+                      f"kept, they would count one caption several times", stacklevel=2)
+        pairs = unique
     if not pairs:
         raise DataError(f"{path} has no captioned rows")
-    image_dir = os.path.join(root, "images")
     missing = sorted({n for n, _ in pairs if not os.path.isfile(os.path.join(image_dir, n))})
     if missing:
         shown = ", ".join(missing[:5])
@@ -147,7 +193,12 @@ class PairDataset(Dataset):
 
 
 class ImageDataset(Dataset):
-    """The images alone, each once (evaluation and indexing)."""
+    """Image files by index, each decoded once (evaluation and indexing).
+
+    An item is (uint8 tensor or None, index, reason): a file that fails to decode never stops the loader; the
+    caller decides whether that is an error (evaluation) or a skip to report (indexing). `collate_decoded`
+    batches such items.
+    """
 
     def __init__(self, paths, transform, min_size=None):
         self.paths = paths
@@ -158,7 +209,19 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(open_image(self.paths[i], strict=True, min_size=self.min_size))
+        try:
+            image = open_image(self.paths[i], strict=True, min_size=self.min_size)
+        except DataError as e:
+            return None, i, str(e)
+        return self.transform(image), i, None
+
+
+def collate_decoded(items):
+    """ImageDataset items -> (uint8 (B, 3, H, W) of the decoded ones or None, their indices, [(index, reason)])."""
+    good = [(t, i) for t, i, _ in items if t is not None]
+    bad = [(i, why) for t, i, why in items if t is None]
+    images = torch.stack([t for t, _ in good]) if good else None  # (B, 3, H, W)
+    return images, [i for _, i in good], bad
 
 
 def open_image(path, strict, min_size=None):

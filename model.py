@@ -25,6 +25,11 @@ class ModelError(ValueError):
     """A model the config names cannot be built here (unknown name, missing files, weights not downloadable)."""
 
 
+def batchnorm_layers(module):
+    """Every BatchNorm layer inside `module` (the image tower's; the text tower uses LayerNorm)."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _resnet(name, pretrained):
     """A torchvision ResNet, with ImageNet weights through torchvision's own weight API when asked."""
     if not name.startswith(("resnet", "resnext", "wide_resnet")) or name not in torchvision.models.list_models():
@@ -174,7 +179,7 @@ class RetrievalModel(nn.Module):
         return self.train(self.training)
 
     def _batchnorms(self):
-        return [m for m in self.image.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return batchnorm_layers(self.image)
 
     def train(self, mode=True):
         super().train(mode)

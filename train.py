@@ -6,43 +6,43 @@
     torchrun --nproc_per_node 4 train.py              # several processes; batch-size is the global batch
 
 Reads top to bottom: config, data, model, loss, optimizer, resume, then the epoch loop around
-`train_one_epoch`, with validation (the same code as eval.py), checkpoints and a JSON-lines log.
+`engine.epoch.train_one_epoch`, with validation (the same code as eval.py), checkpoints and a JSON-lines log.
 """
 import json
-import math
 import os
-import sys
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
-from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from config import ConfigError, Schema, format_config, load_config
-from dataset import DataError, PairCollate, PairDataset, image_transform, make_loader, normalize
-from eval import USER_ERRORS, evaluate
-from gradcache import cached_step
+from dataset import DataError, PairCollate, PairDataset, image_transform, make_loader
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.config import ConfigError, Schema, at_least, format_config, load_config, one_of, positive
+from engine.epoch import Trainer, train_one_epoch
+from engine.errors import run_entry
+from engine.evaluation import Encoding, evaluate
+from engine.metrics import format_table
+from engine.optim import build_optimizer
+from engine.plots import plot_curves
+from engine.runtime import (amp_context, barrier, cleanup_distributed, gather_rng_states, init_distributed,
+                            seed_everything, set_rng_state)
 from loss import ContrastiveLoss
-from metrics import format_table
 from model import build_model, load_tokenizer, text_length_limit
-from plots import plot_curves
-from runtime import amp_context, barrier, cleanup_distributed, init_distributed, seed_everything
 
 SCHEMA = Schema({
     # run length and optimisation
-    "epochs": (200, (int,), "passes over the training pairs"),
-    "batch-size": (192, (int,), "global contrastive batch (all processes together)"),
-    "micro-batch-size": (None, (int, type(None)), "encode in chunks of this many per process (GradCache); null = off"),
-    "learning-rate": (5e-6, (float,), "peak AdamW learning rate"),
-    "weight-decay": (0.05, (float,), "AdamW decay, not applied to biases, norms or the temperature"),
-    "warmup-steps": (1000, (int,), "linear warmup steps before the cosine decay"),
-    "grad-clip": (1.0, (float, type(None)), "max global gradient norm; null = no clipping"),
-    "temperature": (0.07, (float,), "softmax temperature (initial value when learnable)"),
+    "epochs": (200, (int,), "passes over the training pairs", positive),
+    "batch-size": (192, (int,), "global contrastive batch (all processes together)", positive),
+    "micro-batch-size": (None, (int, type(None)), "encode in chunks of this many per process (GradCache); null = off",
+                         positive),
+    "learning-rate": (5e-6, (float,), "peak AdamW learning rate", positive),
+    "weight-decay": (0.05, (float,), "AdamW decay, not applied to biases, norms or the temperature", at_least(0)),
+    "warmup-steps": (1000, (int,), "linear warmup steps before the cosine decay", at_least(0)),
+    "grad-clip": (1.0, (float, type(None)), "max global gradient norm; null = no clipping", positive),
+    "temperature": (0.07, (float,), "softmax temperature (initial value when learnable)", positive),
     "learnable-temperature": (False, (bool,), "learn the temperature (scale capped at 100)"),
     "use-amp": (True, (bool,), "CUDA mixed precision (ignored on the CPU)"),
-    "amp-dtype": ("float16", (str,), "float16 (with a grad scaler) or bfloat16"),
+    "amp-dtype": ("float16", (str,), "float16 (with a grad scaler) or bfloat16", one_of("float16", "bfloat16")),
     "grad-checkpointing": (False, (bool,), "recompute activations in backward to save memory"),
     "freeze-image": (False, (bool,), "keep the whole image tower fixed"),
     "freeze-text": (False, (bool,), "keep the whole text tower fixed"),
@@ -50,28 +50,26 @@ SCHEMA = Schema({
     # data
     "train-root": ("datasets/train", (str,), "training folder: captions.csv + images/"),
     "valid-root": ("datasets/valid", (str,), "validation folder, scored every epoch"),
-    "image-size": (224, (int,), "square input side in pixels"),
-    "max-length": (64, (int,), "tokens per caption before truncation"),
+    "image-size": (224, (int,), "square input side in pixels", at_least(32)),
+    "max-length": (64, (int,), "tokens per caption before truncation", at_least(2)),
     "use-augment": (True, (bool,), "random resized crop + colour jitter"),
     "num-workers": ("auto", (int, str), "data-loading processes per training process, or auto"),
     "demo-data": (False, (bool,), "generate the synthetic demo data and text model when absent"),
     # model
     "image-model": ("resnet50", (str,), "torchvision ResNet name"),
     "text-model": ("pretrains/roberta", (str,), "Hugging Face folder or hub id"),
-    "text-pooling": ("first", (str,), "text feature: first token's hidden state, or mean over tokens"),
+    "text-pooling": ("first", (str,), "text feature: first token's hidden state, or mean over tokens",
+                     one_of("first", "mean")),
     "load-pretrained": (True, (bool,), "start from ImageNet / text-model weights"),
     # checkpoints and run
     "load-checkpoint": (False, (bool,), "resume from load-path"),
     "load-path": ("checkpoints/last.pt", (str,), "checkpoint to resume from"),
     "best-path": ("checkpoints/best.pt", (str,), "best checkpoint by validation rsum"),
     "last-path": ("checkpoints/last.pt", (str,), "checkpoint written every epoch"),
+    "overwrite": (False, (bool,), "start afresh over another run's checkpoints and log in the same folder"),
     "device": ("auto", (str,), "auto, cpu or cuda"),
     "seed": (0, (int,), "random seed"),
 })
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def log(rank, *args):
@@ -79,68 +77,10 @@ def log(rank, *args):
         print(*args, flush=True)
 
 
-def param_groups(model, weight_decay):
-    """Weight decay on matrices and convolutions only; never on biases, norms or the temperature."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(warmup, total):
-    """Learning-rate factor: linear from 0 to 1 over `warmup` steps, then cosine down to 0 at `total`."""
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
-def plain_step(model, loss_fn, batch, amp):
-    with amp:
-        img, txt, scale = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        out = loss_fn(img, txt, scale, batch["image_ids"])
-    return out
-
-
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, cfg, epoch, rank, amp):
-    model.train()
-    micro = cfg["micro-batch-size"]
-    totals = {"loss": 0.0, "acc_i2t": 0.0, "acc_t2i": 0.0}
-    steps = samples = skipped = 0
-    start = time.time()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True)
-    for batch in bar:
-        skipped += batch.pop("skipped")
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        batch["images"] = normalize(batch["images"].contiguous(memory_format=torch.channels_last))  # uint8 -> float
-        optimizer.zero_grad(set_to_none=True)
-        if micro and micro < batch["images"].shape[0]:
-            out = cached_step(model, loss_fn, batch, micro, amp, scaler)
-        else:
-            out = plain_step(model, loss_fn, batch, amp)
-            scaler.scale(out["loss"]).backward()
-        loss = out["loss"].item()
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss} at epoch {epoch}, step {steps}")
-        if cfg["grad-clip"]:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad-clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        steps += 1
-        samples += batch["images"].shape[0] * loss_fn.world_size
-        for k in totals:
-            totals[k] += float(out[k].detach())
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                        samples_s=f"{samples / (time.time() - start):.1f}")
-    stats = {k: v / max(steps, 1) for k, v in totals.items()}
-    stats.update(steps=steps, samples=samples, skipped_images=skipped, lr=scheduler.get_last_lr()[0],
-                 samples_per_s=samples / (time.time() - start))
-    return stats
+def stored_text_model(name):
+    """What a checkpoint records as its text model: an absolute path for a local folder (so the checkpoint loads
+    from any working directory), the hub id otherwise."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
 
 
 def run(argv):
@@ -152,10 +92,6 @@ def run(argv):
         raise ConfigError(f"batch-size {cfg['batch-size']} does not divide over {world_size} processes; "
                           f"use a multiple of {world_size}")
     local_batch = cfg["batch-size"] // world_size
-    if cfg["micro-batch-size"] is not None and cfg["micro-batch-size"] < 1:
-        raise ConfigError("micro-batch-size must be a positive number of pairs, or null")
-    if cfg["amp-dtype"] not in ("float16", "bfloat16"):
-        raise ConfigError(f"amp-dtype must be float16 or bfloat16, got '{cfg['amp-dtype']}'")
     if cfg["use-amp"] and device.type != "cuda":
         log(rank, "note: use-amp is ignored on the CPU (bf16 autocast is slower than fp32 on AVX2 CPUs)")
     amp = amp_context(device, cfg["use-amp"], cfg["amp-dtype"])
@@ -163,9 +99,10 @@ def run(argv):
 
     # ---------------------------------------------------------------- data
     if cfg["demo-data"] and rank == 0:
-        from demo import make_demo
+        from tools.demo import make_demo
         make_demo(cfg["train-root"], cfg["valid-root"], cfg["text-model"], seed=cfg["seed"])
     barrier()
+    cfg["text-model"] = stored_text_model(cfg["text-model"])
     tokenizer = load_tokenizer(cfg["text-model"])
     train_set = PairDataset(cfg["train-root"], image_transform(cfg["image-size"], cfg["use-augment"]),
                             strict=False, min_size=cfg["image-size"])
@@ -175,6 +112,7 @@ def run(argv):
                         f"({cfg['batch-size']}); lower batch-size")
     sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg["seed"], drop_last=True) \
         if world_size > 1 else None
+
     # ---------------------------------------------------------------- model
     model = build_model(cfg)
     model.freeze(cfg["freeze-image"], cfg["freeze-text"], cfg["freeze-bn"])
@@ -189,13 +127,14 @@ def run(argv):
     unwrapped = model
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
     # ---------------------------------------------------------------- loss and optimizer
     loss_fn = ContrastiveLoss(rank, world_size)
-    optimizer = torch.optim.AdamW(param_groups(unwrapped, cfg["weight-decay"]), lr=cfg["learning-rate"])
-    total_steps = cfg["epochs"] * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg["warmup-steps"], total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["use-amp"] and device.type == "cuda"
-                                  and cfg["amp-dtype"] == "float16")
+    optimizer, scheduler, scaler = build_optimizer(unwrapped, cfg, cfg["epochs"] * len(loader), device)
+    trainer = Trainer(model, loss_fn, optimizer, scheduler, scaler, amp, device, cfg["micro-batch-size"],
+                      cfg["grad-clip"])
+    enc = Encoding(cfg["image-size"], max_length, local_batch, cfg["num-workers"], device, amp)
+
     # ---------------------------------------------------------------- resume
     start_epoch, best = 0, -1.0
     if cfg["load-checkpoint"]:
@@ -207,19 +146,18 @@ def run(argv):
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_rsum"]
         log(rank, f"resumed from {cfg['load-path']} at epoch {start_epoch}")
+
     # ---------------------------------------------------------------- epoch loop
     log_path = os.path.join(os.path.dirname(os.path.abspath(cfg["last-path"])), "metrics.jsonl")
     history = None
     for epoch in range(start_epoch, cfg["epochs"]):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, cfg, epoch,
-                                rank, amp)
+        stats = train_one_epoch(trainer, loader, epoch, show_progress=rank == 0)
         if stats["skipped_images"]:
             log(rank, f"warning: {stats['skipped_images']} image(s) failed to decode this epoch and were skipped")
         if rank == 0:
-            metrics = evaluate(unwrapped, tokenizer, cfg["valid-root"], cfg["image-size"], max_length,
-                               local_batch, cfg["num-workers"], device, amp)
+            metrics = evaluate(unwrapped, tokenizer, cfg["valid-root"], enc)
         rngs = gather_rng_states(world_size)  # after validation, which draws from the RNG too
         if rank == 0:
             print(format_table(metrics), flush=True)
@@ -236,7 +174,8 @@ def run(argv):
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(history) + "\n")
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, rsum {metrics['rsum']:.4f}"
-                  f"{' (best)' if improved else ''}, {stats['samples_per_s']:.1f} samples/s", flush=True)
+                  f"{' (best)' if improved else ''}, {stats['samples_per_s']:.1f} samples/s, "
+                  f"{stats['data_wait_share']:.0%} of the time waiting for data", flush=True)
         barrier()
     if rank == 0 and os.path.isfile(log_path):
         plot = plot_curves(log_path, os.path.join(os.path.dirname(log_path), "curves.png"))
@@ -244,25 +183,8 @@ def run(argv):
     return history
 
 
-def gather_rng_states(world_size):
-    """Every process's RNG state, so a resumed multi-process run continues each stream where it stopped."""
-    if world_size == 1:
-        return [rng_state()]
-    out = [None] * world_size
-    torch.distributed.all_gather_object(out, rng_state())
-    return out
-
-
 def main(argv=None):
-    try:
-        return run(argv)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
-    except NonFiniteLoss as e:
-        sys.exit(f"error: {e}; stopped without saving, the last good checkpoint is kept. "
-                 f"Lower learning-rate or turn off use-amp.")
-    finally:
-        cleanup_distributed()
+    return run_entry(run, argv, cleanup=cleanup_distributed)
 
 
 if __name__ == "__main__":

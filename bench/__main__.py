@@ -1,30 +1,31 @@
 """Speed benchmarks: data pipeline, training step, encoding and recall, each against a naive baseline.
 
-    python bench.py --quick                        # about a minute on a 2-core CPU, small model
-    python bench.py                                # resnet50, longer runs
-    python bench.py --only recall,encode --device cuda --out bench-gpu.json
+    python -m bench --quick                        # about a minute on a 2-core CPU, small model
+    python -m bench                                # resnet50, longer runs
+    python -m bench --only recall,encode --device cuda --output bench-gpu.json
 
 Every item is timed several times and the median is reported, next to its baseline timed in the same run
 (the two alternate, so a busy machine slows both alike). All data is generated in a temporary folder; nothing
 is downloaded. The issue's targets are reported as PASS/MISS, never as a failing exit.
 
-This file holds the command line, the report and the JSON; the measurements are in bench_cases.py (data,
-train, encode) and bench_recall.py.
+This file holds the command line, the report and the JSON; the measurements are in bench/cases.py (data,
+train, encode) and bench/recall.py.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 from PIL import Image
 
-from bench_cases import Workspace, bench_data, bench_encode, bench_train
-from bench_recall import bench_recall
+from bench.cases import Workspace, bench_data, bench_encode, bench_train
+from bench.recall import bench_recall
+from engine.errors import run_entry
+from engine.files import write_json
+from engine.runtime import resolve_device
 
 SECTIONS = ("data", "train", "encode", "recall")
 
@@ -103,7 +104,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model and short runs: about a minute on 2 CPU cores")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--out", default="bench.json", help="JSON results file")
+    p.add_argument("--output", default="bench.json", help="JSON results file")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--repeats", type=int, help="timed runs per item (median reported); default 3 quick, 5 full")
     p.add_argument("--image-model", help="torchvision ResNet; default resnet18 quick, resnet50 full")
@@ -129,8 +130,9 @@ def parse_args(argv):
     a.only = only
     try:
         a.recall_sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.recall_sizes.split(",")]
-        assert all(len(s) == 2 and min(s) > 0 for s in a.recall_sizes)
-    except (ValueError, AssertionError):
+    except ValueError:
+        a.recall_sizes = None
+    if not a.recall_sizes or not all(len(s) == 2 and min(s) > 0 for s in a.recall_sizes):
         p.error("--recall-sizes takes CAPTIONSxIMAGES pairs, e.g. 5000x5000,25000x5000")
     if a.workers != "auto":
         if not a.workers.isdigit():
@@ -165,7 +167,6 @@ def amp_variants(device, report):
 def run(argv):
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
-    from runtime import resolve_device
     hf_logging.disable_progress_bar()  # the text model's "writing shards" bar would cut into the table
     device = resolve_device(args.device)
     if args.threads:
@@ -199,12 +200,8 @@ def run(argv):
               "seconds": time.perf_counter() - start, "results": report.rows, "notes": report.notes,
               "skipped": report.skipped, "data_stages": stages}
     print(format_result(result))
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"results written to {args.out}")
+    write_json(args.output, result)
+    print(f"results written to {args.output}")
     return result
 
 
@@ -228,11 +225,7 @@ def format_result(result):
 
 
 def main(argv=None):
-    from eval import USER_ERRORS
-    try:
-        return run(argv)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    return run_entry(run, argv)
 
 
 if __name__ == "__main__":

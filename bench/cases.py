@@ -1,5 +1,5 @@
-"""The measurements behind bench.py: data pipeline, training step and encoding, each next to its naive baseline,
-on data generated here. Recall lives in bench_recall.py.
+"""The measurements behind `python -m bench`: data pipeline, training step and encoding, each next to its naive
+baseline, on data generated here. Recall lives in bench/recall.py.
 """
 import copy
 import itertools
@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ADJECTIVES = ("small", "large", "red", "old", "young", "wooden", "white", "busy", "quiet", "striped", "black")
-NOUNS = ("man", "woman", "dog", "cat", "bus", "train", "pizza", "horse", "kite", "surfboard", "table", "clock",
-         "giraffe", "bench", "boat", "laptop", "bicycle", "child", "sandwich", "umbrella")
-VERBS = ("sitting on", "standing next to", "riding", "looking at", "lying under", "holding", "walking past",
-         "parked near", "flying over", "eating")
+from tools.demo import all_scenes, distinct_captions, write_captions_csv
+
+MAX_LENGTH = 64  # configs/train.yaml's caption length, capped by the model like train.py does
 
 # ---------------------------------------------------------------- timing
 
@@ -51,11 +49,6 @@ def alternate(fns, repeats, device, warmup=1):
 
 # ---------------------------------------------------------------- generated data
 
-def make_caption(rng):
-    a, b = rng.sample(NOUNS, 2)
-    return f"a {rng.choice(ADJECTIVES)} {a} {rng.choice(VERBS)} a {rng.choice(ADJECTIVES)} {b}"
-
-
 def make_photo(rng, width=640, height=480):
     """Smooth random colour fields and blobs plus sensor-like grain: compresses like a photo, not a flat colour."""
     def field(h, w, amount):
@@ -72,7 +65,10 @@ class Workspace:
     def __init__(self, folder, images, captions_per_image, text_model, text_size, seed=0):
         self.folder, self.images, self.per_image = folder, images, captions_per_image
         self.rng = random.Random(seed)
-        self.captions = [make_caption(self.rng) for _ in range(images * captions_per_image)]
+        # the demo's caption generator, `captions_per_image` different captions of a random scene per image
+        scenes = all_scenes()
+        self.captions = [c for _ in range(images)
+                         for c in distinct_captions(self.rng.choice(scenes), captions_per_image, self.rng)]
         self._text_model, self.text_size = text_model, text_size
         self._photos = self._resized = None
 
@@ -104,9 +100,8 @@ class Workspace:
         os.makedirs(os.path.join(root, "images"))
         for i in range(self.images):
             save(i, os.path.join(root, "images", f"{i:05d}.jpg"))
-        with open(os.path.join(root, "captions.csv"), "w", encoding="utf-8") as f:
-            f.write("filename,caption\n")
-            f.writelines(f"{i // self.per_image:05d}.jpg,{c}\n" for i, c in enumerate(self.captions))
+        write_captions_csv(os.path.join(root, "captions.csv"),
+                           [(f"{i // self.per_image:05d}.jpg", c) for i, c in enumerate(self.captions)])
 
     @property
     def text_label(self):
@@ -118,7 +113,7 @@ class Workspace:
     def text_model(self):
         """The text model folder: the one asked for, else a small random RoBERTa made here."""
         if self._text_model is None:
-            from demo import write_text_model
+            from tools.demo import write_text_model
             self._text_model = os.path.join(self.folder, "text-model")
             hidden, layers = self.text_size
             write_text_model(self._text_model, self.captions, hidden=hidden, layers=layers)
@@ -126,10 +121,11 @@ class Workspace:
 
 
 def build(ws, image_model, device):
-    """The configured model (random weights), its tokenizer and caption length limit, as train.py builds them."""
+    """The model (random weights) with configs/train.yaml's settings, its tokenizer and caption length limit."""
     from model import build_model
-    from train import SCHEMA
-    cfg = {**SCHEMA.defaults(), "image-model": image_model, "text-model": ws.text_model, "load-pretrained": False}
+    cfg = {"image-model": image_model, "text-model": ws.text_model, "load-pretrained": False, "temperature": 0.07,
+           "learnable-temperature": False, "text-pooling": "first", "weight-decay": 0.05, "learning-rate": 5e-6,
+           "warmup-steps": 1000, "use-amp": False, "amp-dtype": "float16", "grad-clip": 1.0}
     model = build_model(cfg, pretrained=False).to(device).to(memory_format=torch.channels_last)
     tokenizer, max_length = text_setup(ws)
     return model, tokenizer, max_length, cfg
@@ -261,18 +257,18 @@ def text_setup(ws):
     """Tokenizer and caption length limit, as train.py sets them up (max-length 64, capped by the model)."""
     from transformers import AutoConfig
     from model import load_tokenizer, text_length_limit
-    from train import SCHEMA
     tokenizer = load_tokenizer(ws.text_model)  # first: a wrong path becomes a one-line ModelError
     limit = text_length_limit(AutoConfig.from_pretrained(ws.text_model))
-    return tokenizer, min(SCHEMA.defaults()["max-length"], limit)
+    return tokenizer, min(MAX_LENGTH, limit)
 
 
 # ---------------------------------------------------------------- 2. training step
 
 def bench_train(ws, args, device, report, variants):
+    from engine.epoch import Trainer, train_one_epoch
+    from engine.optim import build_optimizer
+    from engine.runtime import amp_context
     from loss import ContrastiveLoss
-    from runtime import amp_context
-    from train import param_groups, train_one_epoch, warmup_cosine
     model, tokenizer, max_length, cfg = build(ws, args.image_model, device)
     cfg.update({"image-size": args.image_size, "batch-size": args.batch_size})
     from dataset import normalize
@@ -282,17 +278,15 @@ def bench_train(ws, args, device, report, variants):
     loss_fn = ContrastiveLoss(0, 1)
     for label, (use_amp, dtype), compiled in variants:
         net = torch.compile(model) if compiled else model
-        optimizer = torch.optim.AdamW(param_groups(model, cfg["weight-decay"]), lr=cfg["learning-rate"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg["warmup-steps"], 10**6))
-        fp16 = use_amp and device.type == "cuda" and dtype == "float16"  # as train.py decides
-        scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        optimizer, scheduler, scaler = build_optimizer(model, {**cfg, "use-amp": use_amp, "amp-dtype": dtype},
+                                                       10**6, device)
         context = amp_context(device, use_amp, dtype)
+        trainer = Trainer(net, loss_fn, optimizer, scheduler, scaler, context, device, grad_clip=cfg["grad-clip"])
         bare_opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning-rate"])
-        bare_scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        bare_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
 
-        def real(b):
-            # one step through the real loop; rank 1 only silences the progress bar (the loss's world size is 1)
-            train_one_epoch(net, [dict(b)], loss_fn, optimizer, scheduler, scaler, device, cfg, 0, 1, context)
+        def real(b):  # one step through the real loop
+            train_one_epoch(trainer, [dict(b)], 0, show_progress=False)
 
         def bare(b):
             net.train()
@@ -339,8 +333,8 @@ def random_batches(ws, tokenizer, max_length, args, device, steps):
 # ---------------------------------------------------------------- 3. encoding
 
 def bench_encode(ws, args, device, report, amp_specs):
-    from eval import encode_texts, evaluate
-    from runtime import amp_context
+    from engine.evaluation import Encoding, encode_texts, evaluate
+    from engine.runtime import amp_context
     amps = {name: amp_context(device, *spec) for name, spec in amp_specs.items()}
     model, tokenizer, max_length, _ = build(ws, args.image_model, device)
     model.eval()
@@ -369,22 +363,24 @@ def bench_encode(ws, args, device, report, amp_specs):
                          is_baseline=base is None)
         base = base or row
     batches = [captions[s:s + args.batch_size] for s in range(0, len(captions), args.batch_size)]
-    fns = {name: cycle(lambda c, a=amp: encode_texts(model, tokenizer, c, max_length, args.batch_size, device, a),
-                       batches) for name, amp in amps.items()}
+    def encoding(amp):
+        return Encoding(args.image_size, max_length, args.batch_size, args.workers, device, amp)
+
+    fns = {name: cycle(lambda c, e=encoding(amp): encode_texts(model, tokenizer, c, e), batches)
+           for name, amp in amps.items()}
     base = None
     for name, t in alternate(fns, runs, device).items():
-        row = report.add("encode", f"eval.encode_texts {name} (tokenize+encode)", "texts/s",
+        row = report.add("encode", f"encode_texts {name} (tokenize+encode)", "texts/s",
                          [args.batch_size / s for s in t], base, is_baseline=base is None)
         base = base or row
     # evaluate() on a split with several captions per image must run the image tower once per image
     seen = []
     hook = model.image.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[0]))
     start = time.perf_counter()
-    evaluate(model, tokenizer, ws.photos, args.image_size, max_length, args.batch_size, args.workers, device,
-             amps["fp32"])
+    evaluate(model, tokenizer, ws.photos, encoding(amps["fp32"]))
     seconds = time.perf_counter() - start
     hook.remove()
-    report.add("encode", f"eval.evaluate: images encoded per image ({ws.images} images, "
+    report.add("encode", f"evaluate: images encoded per image ({ws.images} images, "
                f"{len(ws.captions)} captions, {seconds:.1f} s)", "ratio", [sum(seen) / ws.images],
                target="== 1 (each image once)", check=lambda r: r["median"] == 1)
     report.notes.append(f"encode: batch {args.batch_size}, {args.image_size}px, {runs} single-batch runs each")

@@ -1,4 +1,4 @@
-"""Recall benchmark for bench.py: metrics.py against a per-query top-k loop, on features exact in float32.
+"""Recall benchmark for `python -m bench`: engine/metrics.py against a per-query top-k loop, on features exact in float32.
 
 The loop is the naive way to compute recall@K; on features whose dot products come out the same in any
 summation order, and with no tie at a top-K boundary, both must give the very same hits.
@@ -9,8 +9,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_cases import alternate, sync
-from metrics import KS
+from bench.cases import alternate, sync
+from engine.metrics import KS
 
 
 def exact_features(num_images, num_captions, dim=768, noise=7.0, seed=0):
@@ -101,7 +101,7 @@ def loop_recall(img, txt, caption_image, image_queries, caption_queries, chunks,
 
 def query_ranks(img, txt, caption_image, image_queries, caption_queries):
     """metrics.py's 0-based ranks for just these queries, each still against every candidate."""
-    from metrics import retrieval_ranks
+    from engine.metrics import retrieval_ranks
     # image queries: the chosen images against all captions. Captions of other images point at an extra
     # all-zero image, which is no query's own: each query's right captions and candidates stay the same.
     q = len(image_queries)
@@ -114,7 +114,7 @@ def query_ranks(img, txt, caption_image, image_queries, caption_queries):
 
 
 def bench_recall(args, device, report):
-    from metrics import retrieval_metrics
+    from engine.metrics import retrieval_metrics
     ks = torch.tensor(KS)
     for captions, images in args.recall_sizes:
         q = min(args.loop_queries, images, captions)

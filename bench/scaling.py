@@ -1,7 +1,7 @@
 """Peak memory and speed of one training step: plain, gradient-cached (micro-batches), gradient checkpointing.
 
-    python bench_scaling.py                                    # CPU-sized model, batch 256 vs micro 32
-    python bench_scaling.py --device cuda --image-model resnet50 --text-layers 12 --text-hidden 768 \
+    python -m bench.scaling                                    # CPU-sized model, batch 256 vs micro 32
+    python -m bench.scaling --device cuda --image-model resnet50 --text-layers 12 --text-hidden 768 \
         --image-size 224 --batch 192 --micro 48 --amp           # the reference towers on a GPU
 
 Each configuration runs in its own process. After a warm-up step (which allocates the optimizer state) the
@@ -18,11 +18,14 @@ import time
 
 import torch
 
-from gradcache import cached_step
+from engine.files import write_json
+from engine.optim import param_groups
+from engine.runtime import amp_context
+from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss
 from model import RetrievalModel
-from runtime import amp_context
-from train import param_groups, plain_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rss_kib(field):
@@ -66,8 +69,7 @@ def one_config(args):
         if args.micro and args.micro < b:
             cached_step(model, loss_fn, batch, args.micro, amp, scaler)
         else:
-            out = plain_step(model, loss_fn, batch, amp)
-            scaler.scale(out["loss"]).backward()
+            plain_step(model, loss_fn, batch, amp, scaler)
         scaler.step(opt)
         scaler.update()
 
@@ -94,18 +96,19 @@ def one_config(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--image-model", default="resnet18")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--text-layers", type=int, default=4)
-    p.add_argument("--text-hidden", type=int, default=256)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--image-model", default="resnet18", help="torchvision ResNet (random weights)")
+    p.add_argument("--image-size", type=int, default=128, help="input side in pixels")
+    p.add_argument("--text-layers", type=int, default=4, help="layers of the random RoBERTa")
+    p.add_argument("--text-hidden", type=int, default=256, help="hidden width of the random RoBERTa")
     p.add_argument("--tokens", type=int, default=24, help="caption length in tokens")
     p.add_argument("--batch", type=int, default=256, help="the large contrastive batch")
     p.add_argument("--micro", type=int, default=32, help="micro-batch for gradient caching")
     p.add_argument("--amp", action="store_true", help="CUDA fp16 autocast")
     p.add_argument("--plain-large", action="store_true", help="also run the large batch without caching")
-    p.add_argument("--out", default="bench_scaling.json")
+    p.add_argument("--output", default="bench_scaling.json", help="JSON results file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -113,7 +116,7 @@ def main(argv=None):
         print(json.dumps(one_config(args)))
         return None
 
-    base = [sys.executable, os.path.abspath(__file__), "--child", "--device", args.device, "--image-model",
+    base = [sys.executable, "-m", "bench.scaling", "--child", "--device", args.device, "--image-model",
             args.image_model, "--image-size", str(args.image_size), "--text-layers", str(args.text_layers),
             "--text-hidden", str(args.text_hidden), "--tokens", str(args.tokens)] + (["--amp"] if args.amp else [])
     runs = {f"plain batch {args.micro}": ["--batch", str(args.micro), "--micro", "0"],
@@ -129,7 +132,7 @@ def main(argv=None):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     results = {}
     for name, extra in runs.items():
-        done = subprocess.run(base + extra, capture_output=True, text=True, env=env)
+        done = subprocess.run(base + extra, capture_output=True, text=True, env=env, cwd=REPO)
         if done.returncode != 0:
             print(f"{name}: failed\n{done.stderr[-1500:]}", file=sys.stderr)
             continue
@@ -145,9 +148,8 @@ def main(argv=None):
             print(f"  {name:<42} {r['memory_vs_plain_micro']:.2f}x")
     info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}
-    with open(args.out, "w") as f:
-        json.dump({"machine": info, "results": results}, f, indent=2)
-    print(f"\nwritten to {args.out}")
+    write_json(args.output, {"machine": info, "results": results})
+    print(f"\nwritten to {args.output}")
     return results
 
 

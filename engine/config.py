@@ -1,17 +1,37 @@
 """One way to configure a run: defaults in code, then a YAML file, then `--key value` overrides.
 
 Keys are spelled with dashes, exactly as in the shipped YAML files (`batch-size`, `learning-rate`). A key that
-the script does not know, or a value of the wrong type, is a `ConfigError` naming the key; entry scripts turn
-it into a one-line message.
+the script does not know, a value of the wrong type, or one outside its allowed range is a `ConfigError` naming
+the key; entry scripts turn it into a one-line message. `--help` lists every key with its default and help.
 """
 import argparse
 import os
 
 import yaml
 
+from engine.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A mistake in a config file or on the command line that the user can fix."""
+
+
+# Value rules a schema entry may name as its fourth field: each returns None when the value is fine, else what is
+# wrong with it. None values (where allowed) are never checked.
+def positive(value):
+    return None if value > 0 else "must be greater than 0"
+
+
+def at_least(low):
+    def rule(value):
+        return None if value >= low else f"must be at least {low}"
+    return rule
+
+
+def one_of(*choices):
+    def rule(value):
+        return None if value in choices else f"must be one of {', '.join(map(str, choices))}"
+    return rule
 
 
 def _coerce(key, value, types):
@@ -38,10 +58,10 @@ def _coerce(key, value, types):
 
 
 class Schema:
-    """The keys a script accepts: name -> (default, allowed types, one-line help).
+    """The keys a script accepts: name -> (default, allowed types, one-line help[, value rule]).
 
     Keys that take a number or a word (`num-workers: auto`) list both types; keys that may be unset list
-    `type(None)`.
+    `type(None)`. A value rule (`positive`, `at_least(n)`, `one_of(...)`) bounds the value.
     """
 
     def __init__(self, entries):
@@ -57,8 +77,21 @@ class Schema:
                 close = [k for k in self.entries if k.replace("-", "") == key.replace("_", "").replace("-", "")]
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
-            out[key] = _coerce(key, value, self.entries[key][1])
+            entry = self.entries[key]
+            out[key] = _coerce(key, value, entry[1])
+            problem = entry[3](out[key]) if len(entry) > 3 and isinstance(out[key], (int, float, str)) else None
+            if problem:
+                raise ConfigError(f"config key '{key}' {problem}, got {out[key]!r} in {source}")
         return out
+
+    def help_text(self):
+        """Every key with its default and its help, for `--help`."""
+        width = max(len(k) for k in self.entries)
+        lines = ["config keys (set in the YAML file or as --key value):"]
+        for key, (default, _, text, *_) in self.entries.items():
+            shown = "null" if default is None else default
+            lines.append(f"  --{key:<{width}}  {text} (default: {shown})")
+        return "\n".join(lines)
 
 
 def load_yaml(path):
@@ -103,8 +136,8 @@ def parse_overrides(tokens):
 
 def load_config(schema, argv, default_config, description):
     """Merge code defaults, the YAML file (`--config`, else `default_config`) and command-line overrides."""
-    parser = argparse.ArgumentParser(description=description, add_help=True,
-                                     epilog="Any config key can be overridden as --key value.")
+    parser = argparse.ArgumentParser(description=description, add_help=True, allow_abbrev=False, epilog=schema.help_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config, help=f"YAML config file (default {default_config})")
     args, rest = parser.parse_known_args(argv)
     cfg = schema.defaults()

@@ -1,4 +1,4 @@
-"""Where a run executes: device choice, mixed precision, seeding, and torchrun's process group."""
+"""Where a run executes: device choice, mixed precision, seeding and RNG state, and torchrun's process group."""
 import contextlib
 import os
 import random
@@ -7,8 +7,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.errors import UserError
 
-class DeviceError(ValueError):
+
+class DeviceError(UserError, ValueError):
     """The config asks for hardware this machine does not have."""
 
 
@@ -40,6 +42,22 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def rng_state():
+    """Every random stream a run draws from (Python, NumPy, torch CPU and CUDA), to save or to replay."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def init_distributed(device_name):
     """Start the process group when launched by torchrun (RANK/WORLD_SIZE set); else a plain single process.
 
@@ -63,3 +81,12 @@ def cleanup_distributed():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather_rng_states(world_size):
+    """Every process's RNG state, so a resumed multi-process run continues each stream where it stopped."""
+    if world_size == 1:
+        return [rng_state()]
+    out = [None] * world_size
+    dist.all_gather_object(out, rng_state())
+    return out

@@ -1,31 +1,26 @@
-"""Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limits").
+"""One optimisation step's forward and backward: the plain step, and the gradient-cached step beside it.
 
-The contrastive loss couples every pair in the batch, but its gradient with respect to the *features* is cheap
-to hold. So one step is: encode the batch in chunks without building graphs, compute the loss on all features,
+Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limits"): the
+contrastive loss couples every pair in the batch, but its gradient with respect to the *features* is cheap to
+hold. So one step is: encode the batch in chunks without building graphs, compute the loss on all features,
 back-propagate to the features only, then re-encode each chunk with a graph and push the cached feature
 gradient through it. Peak memory is that of one chunk; the parameter gradients are those of the whole batch.
 """
 import contextlib
 
 import torch
-import torch.nn as nn
+
+from engine.runtime import rng_state, set_rng_state
+from model import batchnorm_layers
 
 
-def _rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _batchnorm_buffers(module):
-    return [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+def plain_step(model, loss_fn, batch, amp, scaler):
+    """Forward the whole batch, compute the loss, back-propagate (scaled for fp16). Returns the loss dict."""
+    with amp:
+        img, txt, scale = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        out = loss_fn(img, txt, scale, batch["image_ids"])
+    scaler.scale(out["loss"]).backward()
+    return out
 
 
 def cached_step(model, loss_fn, batch, micro, amp, scaler):
@@ -34,22 +29,21 @@ def cached_step(model, loss_fn, batch, micro, amp, scaler):
     `model` may be wrapped in DistributedDataParallel: gradients are then synchronised once, on the last chunk.
     """
     images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
-    device = images.device
     spans = [slice(s, s + micro) for s in range(0, images.shape[0], micro)]
     # Pass 1 must not move BatchNorm running statistics: pass 2 will, once per chunk.
-    bn = _batchnorm_buffers(model)
+    bn = [b for m in batchnorm_layers(model) for b in m.buffers()]
     bn_saved = [b.clone() for b in bn]
     rng, img_parts, txt_parts = [], [], []
     with torch.no_grad():
         for s in spans:
-            rng.append(_rng_state(device))  # so pass 2 draws the same dropout masks
+            rng.append(rng_state())  # so pass 2 draws the same dropout masks
             with amp:
                 img, txt, scale = model(images[s], ids[s], mask[s])
             img_parts.append(img)
             txt_parts.append(txt)
     for b, saved in zip(bn, bn_saved):
         b.copy_(saved)
-    after_pass1 = _rng_state(device)
+    after_pass1 = rng_state()
 
     img = torch.cat(img_parts).detach().requires_grad_(True)  # (B, D)
     txt = torch.cat(txt_parts).detach().requires_grad_(True)  # (B, D)
@@ -57,13 +51,13 @@ def cached_step(model, loss_fn, batch, micro, amp, scaler):
     scale = scale.detach().requires_grad_(learn_scale)
     with amp:
         out = loss_fn(img, txt, scale, batch["image_ids"])
-    scaler.scale(out["loss"]).backward()
+    scaler.scale(out["loss"]).backward()  # also gives the loss's own parameters (if any) their gradient
     g_img, g_txt = img.grad, txt.grad
     g_scale = scale.grad / len(spans) if learn_scale else None
 
     sync_off = getattr(model, "no_sync", contextlib.nullcontext)
     for k, s in enumerate(spans):
-        _set_rng_state(rng[k], device)
+        set_rng_state(rng[k])
         with sync_off() if k < len(spans) - 1 else contextlib.nullcontext():
             with amp:
                 img_k, txt_k, scale_k = model(images[s], ids[s], mask[s])
@@ -72,5 +66,5 @@ def cached_step(model, loss_fn, batch, micro, amp, scaler):
             if g_scale is not None:  # the temperature's share, routed through the model's own forward
                 surrogate = surrogate + (scale_k.float() * g_scale.float()).sum()
             surrogate.backward()
-    _set_rng_state(after_pass1, device)
+    set_rng_state(after_pass1)
     return out

@@ -1,7 +1,7 @@
 """Zero-shot classification: score an image against label names written into prompt templates.
 
-    python classify.py --model checkpoints/best.pt --image cat.jpg --labels "cat,dog,car"
-    python classify.py --model checkpoints/best.pt --image a.jpg b.jpg --labels-file labels.txt \
+    python -m inference.classify --model-path checkpoints/best.pt --image cat.jpg --labels "cat,dog,car"
+    python -m inference.classify --model-path checkpoints/best.pt --image a.jpg b.jpg --labels-file labels.txt \
         --templates-file templates.txt
 
 Each label is written into every template ("a photo of a {}."); the template embeddings are averaged and
@@ -10,17 +10,19 @@ A templates file holds one template per line, with {} where the label goes.
 """
 import argparse
 import os
-import sys
 
-from inference import (DEFAULT_TEMPLATES, INFERENCE_ERRORS, Encoder, InferenceError, check_labels, read_lines,
-                       zero_shot_probs)
+from engine.errors import run_entry
+from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, read_lines,
+                               zero_shot_probs)
 
 BAR_WIDTH = 30  # characters of the text bar chart at probability 1
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Zero-shot image classification with a trained checkpoint.")
-    p.add_argument("--model", required=True, help="checkpoint written by train.py")
+    p = argparse.ArgumentParser(description="Zero-shot image classification with a trained checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-path", required=True, help="checkpoint written by train.py")
+    p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
     p.add_argument("--image", required=True, nargs="+", help="image file(s) to classify")
     labels = p.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated label names, e.g. 'cat,dog,car'")
@@ -40,7 +42,7 @@ def run(a):
     for path in a.image:
         if not os.path.isfile(path):
             raise InferenceError(f"image '{path}' does not exist")
-    encoder = Encoder(a.model, a.device)
+    encoder = Encoder(a.model_path, a.device, a.text_model)
     weights = encoder.label_embeddings(labels, templates)  # (L, D)
     images = encoder.encode_images([encoder.open_image(p) for p in a.image])  # (N, D)
     probs = zero_shot_probs(images, weights, encoder.logit_scale())  # (N, L)
@@ -56,11 +58,7 @@ def run(a):
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    try:
-        return run(a)
-    except INFERENCE_ERRORS as e:
-        sys.exit(f"error: {e}")
+    return run_entry(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,23 +1,23 @@
 """Use a trained checkpoint: encode images and texts exactly as evaluation does, and classify zero-shot.
 
-    from inference import Encoder
+    from inference.encoder import Encoder
     enc = Encoder("checkpoints/best.pt")
     img = enc.encode_images([enc.open_image("cat.jpg")])            # (1, D), L2-normalised
     probs = enc.classify(img, ["cat", "dog", "car"])                 # (1, 3), rows sum to 1
 
-search.py, classify.py, serve.py and export.py all go through this module; the transforms and the tokenizer
-call come from dataset.py, so training, evaluation and inference preprocess identically.
+search, classify, serve and export all go through this module; encoding is engine.evaluation's and the
+transforms and tokenizer call are dataset.py's, so training, evaluation and inference preprocess identically.
 """
 import hashlib
 import os
 
 import torch
-from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from dataset import DataError, image_transform, make_loader, normalize, open_image, to_rgb
-from eval import USER_ERRORS, encode_texts, load_trained
-from runtime import amp_context, resolve_device
+from dataset import image_transform, open_image, to_rgb
+from engine.checkpoint import load_trained
+from engine.errors import UserError
+from engine.evaluation import Encoding, encode_image_batch, encode_image_files, encode_texts
+from engine.runtime import amp_context, resolve_device
 
 # Prompt templates for zero-shot labels (a subset of CLIP's ImageNet prompts); `{}` is replaced by the label.
 DEFAULT_TEMPLATES = (
@@ -35,12 +35,8 @@ DEFAULT_TEMPLATES = (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """Something the user passed cannot be used (a bad label list, a template without `{}`)."""
-
-
-# Everything a user can get wrong on the way to an encoder, for the entry scripts to print in one line.
-INFERENCE_ERRORS = USER_ERRORS + (InferenceError,)
 
 
 def file_sha256(path, chunk=1 << 20):
@@ -63,9 +59,8 @@ class Encoder:
         self.image_size = self.run_cfg["image-size"]
         self.max_length = self.run_cfg["max-length"]
         self.transform = image_transform(self.image_size)  # the eval transform: resize, centre crop, to uint8
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.amp = amp_context(self.device, use_amp, amp_dtype)
+        self.enc = Encoding(self.image_size, self.max_length, batch_size, num_workers, self.device,
+                            amp_context(self.device, use_amp, amp_dtype))
         self._identity = None
 
     @property
@@ -93,9 +88,10 @@ class Encoder:
         if not images:
             return torch.empty(0, self.dim)
         feats = []
-        for s in range(0, len(images), self.batch_size):
-            chunk = [self._as_rgb(x) for x in images[s:s + self.batch_size]]
-            feats.append(self._encode_batch(torch.stack([self.transform(im) for im in chunk])))
+        step = self.enc.batch_size
+        for s in range(0, len(images), step):
+            chunk = [self._as_rgb(x) for x in images[s:s + step]]
+            feats.append(encode_image_batch(self.model, torch.stack([self.transform(im) for im in chunk]), self.enc))
         return torch.cat(feats)
 
     def _as_rgb(self, image):
@@ -107,30 +103,14 @@ class Encoder:
         """Encode files, skipping those that fail to decode: returns ((M, D) features, kept indices, failed)."""
         if not paths:
             return torch.empty(0, self.dim), [], []
-        data = _FileImages(paths, self.transform, self.image_size)
-        loader = make_loader(data, self.batch_size, self.num_workers, self.device, collate_fn=_collate_decoded)
-        feats, kept, failed = [], [], []
-        with torch.no_grad():
-            for images, idx, bad in tqdm(loader, desc="images", disable=not progress, dynamic_ncols=True):
-                failed += bad
-                if idx:
-                    feats.append(self._encode_batch(images))
-                    kept += idx
-        feats = torch.cat(feats) if feats else torch.empty(0, self.dim)
-        return feats, kept, failed  # (M, D), [M indices into paths], [(index, reason)]
-
-    def _encode_batch(self, images):  # uint8 (B, 3, H, W) -> (B, D); normalised here, on the device
-        images = normalize(images.to(self.device).contiguous(memory_format=torch.channels_last))
-        with self.amp:
-            return self.model.encode_image(images).float().cpu()
+        return encode_image_files(self.model, paths, self.enc, progress)
 
     # ------------------------------------------------------------------ texts
     def encode_texts(self, texts, progress=False):
         """(N, D) float32 CPU features, tokenised and truncated exactly as in training."""
         if not texts:
             return torch.empty(0, self.dim)
-        return encode_texts(self.model, self.tokenizer, list(texts), self.max_length, self.batch_size,
-                            self.device, self.amp, progress)
+        return encode_texts(self.model, self.tokenizer, list(texts), self.enc, progress)
 
     # ------------------------------------------------------------------ zero-shot
     def label_embeddings(self, labels, templates=DEFAULT_TEMPLATES):
@@ -190,27 +170,3 @@ def list_images(root):
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 out.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
     return sorted(out)
-
-
-class _FileImages(Dataset):
-    """Image files by index; an item is (tensor or None, index, reason) so one bad file never stops a run."""
-
-    def __init__(self, paths, transform, min_size):
-        self.paths, self.transform, self.min_size = paths, transform, min_size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            image = open_image(self.paths[i], strict=True, min_size=self.min_size)
-        except DataError as e:
-            return None, i, str(e)
-        return self.transform(image), i, None
-
-
-def _collate_decoded(items):
-    good = [(t, i) for t, i, _ in items if t is not None]
-    bad = [(i, why) for t, i, why in items if t is None]
-    images = torch.stack([t for t, _ in good]) if good else None  # (B, 3, H, W)
-    return images, [i for _, i in good], bad

@@ -1,6 +1,6 @@
 """Export a checkpoint's two towers to ONNX, with what a runtime needs to preprocess inputs the same way.
 
-    python export.py --model checkpoints/best.pt --out exported/
+    python -m inference.export --model-path checkpoints/best.pt --output exported/
 
 writes
     image_encoder.onnx   pixel_values (B, 3, H, W) float32, normalised -> image_embeds (B, D), L2-normalised
@@ -14,15 +14,15 @@ graphs are traced with the TorchScript-based exporter (`dynamo=False`): it handl
 code without graph breaks and needs no extra packages beyond `onnx`.
 """
 import argparse
-import json
 import os
-import sys
 import warnings
 
 import torch
 
 from dataset import tokenize
-from inference import INFERENCE_ERRORS, Encoder, InferenceError
+from engine.errors import run_entry
+from engine.files import write_json
+from inference.encoder import Encoder, InferenceError
 from model import IMAGENET_MEAN, IMAGENET_STD
 
 OPSET = 17  # supported by onnxruntime >= 1.14 and by the TorchScript exporter
@@ -69,8 +69,7 @@ def export(encoder, out):
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "max_length": encoder.max_length,
             "logit_scale": encoder.logit_scale(), "embedding_dim": encoder.dim, "opset": OPSET,
             "checkpoint": encoder.identity()}
-    with open(os.path.join(out, "export.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
+    write_json(os.path.join(out, "export.json"), info)
     return paths
 
 
@@ -89,19 +88,21 @@ def _export_graphs(model, images, ids, mask, paths):
                           opset_version=OPSET, dynamo=False)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Export the image and text towers of a checkpoint to ONNX.")
-    p.add_argument("--model", required=True, help="checkpoint written by train.py")
-    p.add_argument("--out", required=True, help="folder for the .onnx graphs, tokenizer and export.json")
-    a = p.parse_args(argv)
-    try:
-        if os.path.isfile(a.out):
-            raise InferenceError(f"--out '{a.out}' is a file; pass a folder")
-        paths = export(Encoder(a.model, "cpu"), a.out)
-    except INFERENCE_ERRORS as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {paths['image']}, {paths['text']}, the tokenizer and export.json to {a.out}")
+def run(a):
+    if os.path.isfile(a.output):
+        raise InferenceError(f"--output '{a.output}' is a file; pass a folder")
+    paths = export(Encoder(a.model_path, "cpu", a.text_model), a.output)
+    print(f"wrote {paths['image']}, {paths['text']}, the tokenizer and export.json to {a.output}")
     return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export the image and text towers of a checkpoint to ONNX.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-path", required=True, help="checkpoint written by train.py")
+    p.add_argument("--output", required=True, help="folder for the .onnx graphs, tokenizer and export.json")
+    p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
+    return run_entry(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A web page and JSON API over an image index: text search, image search and zero-shot classification.
 
-    python search.py index --model checkpoints/best.pt --images photos/ --out indexes/photos
-    python serve.py --model checkpoints/best.pt --index indexes/photos      # then open http://127.0.0.1:8000
+    python -m inference.search index --model-path checkpoints/best.pt --images photos/ --output indexes/photos
+    python -m inference.serve --index indexes/photos           # then open http://127.0.0.1:8000
 
     GET  /api/search?q=a+red+car&k=10     text -> image        {"results": [{"id", "path", "score", "url"}]}
     POST /api/search/image?k=10           image -> image       multipart field `file`
@@ -16,19 +16,19 @@ names stored in the index; uploads are size-limited, decoded from memory, and re
 import argparse
 import io
 import os
-import sys
 import threading
 from functools import lru_cache
 
-from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 
 from dataset import DataError
-from inference import DEFAULT_TEMPLATES, INFERENCE_ERRORS, Encoder, InferenceError, check_labels, zero_shot_probs
-from search import ImageIndex, SearchError
+from engine.errors import run_entry
+from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
+from inference.index import ImageIndex, SearchError
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow decoders an upload may use
@@ -38,111 +38,146 @@ MAX_LABEL_CHARS = 100   # characters per label
 FORM_OVERHEAD = 64 * 1024  # multipart headers and the labels field, allowed on top of the upload limit
 
 
-def create_app(model_path, index_dir, max_upload_mb=10.0, max_pixels=40_000_000, max_k=100, device="auto",
-               use_faiss=False):
-    """The FastAPI app: loads the model and the index once; requests share them (one model call at a time).
+class Service:
+    """What the routes share: the encoder, the index, the limits, and one lock so one model call runs at a time
+    (the CPU threads are shared anyway). Stored on `app.state.service`."""
 
-    `model_path` None means the checkpoint recorded in the index.
-    """
-    index = ImageIndex.load(index_dir)
-    encoder = Encoder(model_path or index.model_path(), device)
-    index.check_encoder(encoder)
-    if use_faiss:
-        index.use_faiss()
-    max_upload = int(max_upload_mb * 1024 * 1024)
-    lock = threading.Lock()  # one forward pass at a time: the CPU threads are shared anyway
+    def __init__(self, encoder, index, max_upload_mb, max_pixels, max_k):
+        self.encoder, self.index = encoder, index
+        self.max_upload_mb, self.max_upload = max_upload_mb, int(max_upload_mb * 1024 * 1024)
+        self.max_pixels, self.max_k = max_pixels, max_k
+        self.lock = threading.Lock()
+        # a label set that comes again is not encoded again
+        self.label_embeddings = lru_cache(maxsize=32)(self._label_embeddings)
 
-    app = FastAPI(title="Image-text retrieval",
-                  description="Search an image index by text or by image, and classify images zero-shot.")
-    app.add_middleware(BodyLimit, max_bytes=max_upload + FORM_OVERHEAD, limit_mb=max_upload_mb)
-    app.state.encoder, app.state.index = encoder, index
+    def _label_embeddings(self, labels):
+        with self.lock:
+            return self.encoder.label_embeddings(list(labels), DEFAULT_TEMPLATES)
 
-    @lru_cache(maxsize=32)
-    def label_embeddings(labels):  # a label set that comes again is not encoded again
-        with lock:
-            return encoder.label_embeddings(list(labels), DEFAULT_TEMPLATES)
-
-    def read_upload(file):
+    def read_upload(self, file):
         """The uploaded bytes decoded to an RGB image, or the HTTP error that says what is wrong with them."""
-        data = file.file.read(max_upload + 1)
-        if len(data) > max_upload:
-            raise HTTPException(413, f"upload is over the {max_upload_mb:g} MB limit")
+        data = file.file.read(self.max_upload + 1)
+        if len(data) > self.max_upload:
+            raise HTTPException(413, f"upload is over the {self.max_upload_mb:g} MB limit")
         if not data:
             raise HTTPException(400, "the upload is empty; send an image file in the field 'file'")
         try:
             with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as probe:
                 width, height = probe.size
         except Image.DecompressionBombError:
-            raise HTTPException(413, f"image has too many pixels (limit {max_pixels / 1e6:g} MP)") from None
+            raise HTTPException(413, f"image has too many pixels (limit {self.max_pixels / 1e6:g} MP)") from None
         except UnidentifiedImageError:
             raise HTTPException(415, f"not an image this server reads ({', '.join(UPLOAD_FORMATS)})") from None
         except (OSError, SyntaxError, ValueError):
             raise HTTPException(400, "the image header cannot be read; the file is corrupt") from None
-        if width * height > max_pixels:  # checked on the header, before any pixel is decoded
+        if width * height > self.max_pixels:  # checked on the header, before any pixel is decoded
             raise HTTPException(413, f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over the "
-                                     f"{max_pixels / 1e6:g} MP limit")
+                                     f"{self.max_pixels / 1e6:g} MP limit")
         try:
-            return encoder.open_image(io.BytesIO(data))
+            return self.encoder.open_image(io.BytesIO(data))
         except DataError:
             raise HTTPException(400, "the image cannot be decoded (truncated or corrupt file)") from None
 
-    def results(scores, ids):
-        return {"results": [{"id": i, "path": index.files[i], "score": round(s, 6), "url": f"/api/image/{i}"}
+    def results(self, scores, ids):
+        return {"results": [{"id": i, "path": self.index.files[i], "score": round(s, 6), "url": f"/api/image/{i}"}
                             for s, i in zip(scores[0].tolist(), ids[0].tolist())]}
 
-    k_query = Query(10, ge=1, le=max_k, description="number of results")
 
-    @app.get("/api/health")
-    def health():
-        return {"status": "ok", "images": len(index), "checkpoint": os.path.basename(encoder.model_path),
-                "dim": encoder.dim, "image_size": encoder.image_size, "max_upload_mb": max_upload_mb,
-                "max_k": max_k}
+router = APIRouter()
+K_QUERY = Query(10, ge=1, description="number of results (at most the server's max-k)")
 
-    @app.get("/api/search")
-    def search_text(q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="text query"),
-                    k: int = k_query):
-        if not q.strip():
-            raise HTTPException(422, "the query is blank")
-        with lock:
-            query = encoder.encode_texts([q])  # (1, D)
-            return {"query": q, **results(*index.search(query, k))}
 
-    @app.post("/api/search/image")
-    def search_image(file: UploadFile = File(..., description="query image"), k: int = k_query):
-        image = read_upload(file)
-        with lock:
-            query = encoder.encode_images([image])  # (1, D)
-            return results(*index.search(query, k))
+def service(request: Request) -> Service:
+    return request.app.state.service
 
-    @app.post("/api/classify")
-    def classify(file: UploadFile = File(..., description="image to classify"),
-                 labels: str = Form(..., description="comma-separated labels, e.g. cat,dog,car")):
-        try:
-            names = check_labels(labels.split(","))
-        except InferenceError as e:
-            raise HTTPException(422, str(e)) from None
-        if len(names) > MAX_LABELS or max(len(n) for n in names) > MAX_LABEL_CHARS:
-            raise HTTPException(422, f"at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters each")
-        image = read_upload(file)
-        weights = label_embeddings(tuple(names))  # (L, D)
-        with lock:
-            probs = zero_shot_probs(encoder.encode_images([image]), weights, encoder.logit_scale())[0]  # (L,)
-        ranked = sorted(zip(names, probs.tolist()), key=lambda x: -x[1])
-        return {"labels": [{"label": n, "prob": round(p, 6)} for n, p in ranked]}
 
-    @app.get("/api/image/{image_id}")
-    def image(image_id: int):
-        if not 0 <= image_id < len(index):
-            raise HTTPException(404, f"no image with id {image_id} (the index holds {len(index)})")
-        path = index.path(image_id)
-        if not os.path.isfile(path):
-            raise HTTPException(404, f"image {image_id} was removed from disk; re-run search.py index")
-        return FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
+def check_k(svc, k):
+    if k > svc.max_k:
+        raise HTTPException(422, f"k is at most {svc.max_k}")
+    return k
 
-    @app.get("/", include_in_schema=False)
-    def page():
-        return FileResponse(os.path.join(WEB_DIR, "index.html"))
 
+@router.get("/api/health")
+def health(request: Request):
+    svc = service(request)
+    return {"status": "ok", "images": len(svc.index), "checkpoint": os.path.basename(svc.encoder.model_path),
+            "dim": svc.encoder.dim, "image_size": svc.encoder.image_size, "max_upload_mb": svc.max_upload_mb,
+            "max_k": svc.max_k}
+
+
+@router.get("/api/search")
+def search_text(request: Request,
+                q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="text query"),
+                k: int = K_QUERY):
+    svc = service(request)
+    check_k(svc, k)
+    if not q.strip():
+        raise HTTPException(422, "the query is blank")
+    with svc.lock:
+        query = svc.encoder.encode_texts([q])  # (1, D)
+        return {"query": q, **svc.results(*svc.index.search(query, k))}
+
+
+@router.post("/api/search/image")
+def search_image(request: Request, file: UploadFile = File(..., description="query image"), k: int = K_QUERY):
+    svc = service(request)
+    check_k(svc, k)
+    image = svc.read_upload(file)
+    with svc.lock:
+        query = svc.encoder.encode_images([image])  # (1, D)
+        return svc.results(*svc.index.search(query, k))
+
+
+@router.post("/api/classify")
+def classify(request: Request, file: UploadFile = File(..., description="image to classify"),
+             labels: str = Form(..., description="comma-separated labels, e.g. cat,dog,car")):
+    svc = service(request)
+    try:
+        names = check_labels(labels.split(","))
+    except InferenceError as e:
+        raise HTTPException(422, str(e)) from None
+    if len(names) > MAX_LABELS or max(len(n) for n in names) > MAX_LABEL_CHARS:
+        raise HTTPException(422, f"at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters each")
+    image = svc.read_upload(file)
+    weights = svc.label_embeddings(tuple(names))  # (L, D)
+    with svc.lock:
+        probs = zero_shot_probs(svc.encoder.encode_images([image]), weights, svc.encoder.logit_scale())[0]  # (L,)
+    ranked = sorted(zip(names, probs.tolist()), key=lambda x: -x[1])
+    return {"labels": [{"label": n, "prob": round(p, 6)} for n, p in ranked]}
+
+
+@router.get("/api/image/{image_id}")
+def image(request: Request, image_id: int):
+    index = service(request).index
+    if not 0 <= image_id < len(index):
+        raise HTTPException(404, f"no image with id {image_id} (the index holds {len(index)})")
+    path = index.path(image_id)
+    if path is None or not os.path.isfile(path):
+        raise HTTPException(404, f"image {image_id} is no longer under the index's folder; re-run the indexing")
+    return FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
+
+
+@router.get("/", include_in_schema=False)
+def page():
+    return FileResponse(os.path.join(WEB_DIR, "index.html"))
+
+
+def create_app(model_path, index_dir, max_upload_mb=10.0, max_pixels=40_000_000, max_k=100, device="auto",
+               use_faiss=False, text_model=None):
+    """The FastAPI app: loads the model and the index once; requests share them through `app.state.service`.
+
+    `model_path` None means the checkpoint recorded in the index.
+    """
+    index = ImageIndex.load(index_dir)
+    encoder = Encoder(model_path or index.model_path(), device, text_model)
+    index.check_encoder(encoder)
+    if use_faiss:
+        index.use_faiss()
+    app = FastAPI(title="Image-text retrieval",
+                  description="Search an image index by text or by image, and classify images zero-shot.")
+    app.state.service = Service(encoder, index, max_upload_mb, max_pixels, max_k)
+    app.add_middleware(BodyLimit, max_bytes=app.state.service.max_upload + FORM_OVERHEAD, limit_mb=max_upload_mb)
+    app.include_router(router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
 
@@ -179,33 +214,37 @@ class BodyLimit:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Serve text/image search and zero-shot classification over an index.")
-    p.add_argument("--index", required=True, help="index folder made by 'search.py index'")
-    p.add_argument("--model", help="checkpoint; default: the one the index was built with")
+    p = argparse.ArgumentParser(description="Serve text/image search and zero-shot classification over an index.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--index", required=True, help="index folder made by 'python -m inference.search index'")
+    p.add_argument("--model-path", help="checkpoint; default: the one the index was built with")
+    p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MB")
     p.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image, in megapixels")
+    p.add_argument("--max-k", type=int, default=100, help="most results one request may ask for")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--faiss", action="store_true", help="search with FAISS (pip install faiss-cpu)")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    try:
-        if a.max_upload_mb <= 0 or a.max_megapixels <= 0:
-            raise SearchError("--max-upload-mb and --max-megapixels must be positive")
-        app = create_app(a.model, a.index, a.max_upload_mb, int(a.max_megapixels * 1e6), device=a.device,
-                         use_faiss=a.faiss)
-    except INFERENCE_ERRORS + (SearchError,) as e:
-        sys.exit(f"error: {e}")
+def run(a):
+    if a.max_upload_mb <= 0 or a.max_megapixels <= 0 or a.max_k < 1:
+        raise SearchError("--max-upload-mb, --max-megapixels and --max-k must be positive")
+    app = create_app(a.model_path, a.index, a.max_upload_mb, int(a.max_megapixels * 1e6), a.max_k, a.device,
+                     a.faiss, a.text_model)
     import uvicorn  # only needed to listen; tests drive the app directly
 
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {a.host}: anyone who can reach this machine can use the service")
-    print(f"serving {len(app.state.index)} images on http://{a.host}:{a.port}/ (API docs at /docs)")
+    print(f"serving {len(app.state.service.index)} images on http://{a.host}:{a.port}/ (API docs at /docs)")
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    return app
+
+
+def main(argv=None):
+    return run_entry(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""bench_recall.py: its naive recall loop against metrics.py on exact features; bench.py: a small recall-only run."""
+"""bench/recall.py: its naive recall loop against engine/metrics.py on exact features; `python -m bench`: small runs."""
 import json
 
 import torch
 
-import bench
-import bench_recall
-from metrics import retrieval_metrics, retrieval_ranks
+import bench.__main__ as bench
+from bench import recall as bench_recall
+from engine.metrics import retrieval_metrics, retrieval_ranks
 
 
 def test_exact_features_score_the_same_in_any_order():
@@ -61,7 +61,7 @@ def test_ambiguous_catches_a_tie_at_the_boundary():
 def test_recall_only_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = bench.main(["--quick", "--only", "recall", "--recall-sizes", "300x100,200x200", "--loop-queries", "30",
-                         "--repeats", "2", "--device", "cpu", "--out", str(out)])
+                         "--repeats", "2", "--device", "cpu", "--output", str(out)])
     data = json.loads(out.read_text())
     assert data["results"] == json.loads(json.dumps(result["results"]))
     machine = data["machine"]
@@ -83,7 +83,7 @@ def test_recall_only_run_writes_json(tmp_path, capsys):
 
 def test_float_baseline_transform_gives_the_same_model_input():
     from PIL import Image
-    from bench_cases import float_transform
+    from bench.cases import float_transform
     from dataset import image_transform, normalize
     img = Image.new("RGB", (40, 30), (200, 30, 90))
     img.paste((10, 220, 40), (0, 0, 15, 30))
@@ -97,7 +97,7 @@ def test_float_baseline_transform_gives_the_same_model_input():
 def test_tiny_data_and_train_run(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--only", "data,train", "--data-images", "4", "--workers", "0", "--repeats", "1",
-                "--steps", "1", "--batch-size", "4", "--image-size", "32", "--device", "cpu", "--out", str(out)])
+                "--steps", "1", "--batch-size", "4", "--image-size", "32", "--device", "cpu", "--output", str(out)])
     data = json.loads(out.read_text())
     rows = {r["item"]: r for r in data["results"]}
     naive = next(r for r in data["results"] if r["section"] == "data" and r.get("is_baseline"))

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tiny import tiny_run
 
-import search
-import serve
-from inference import Encoder
+from inference import index as search_index
+from inference import serve
+from inference.encoder import Encoder
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -36,13 +35,12 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tiny, tmp_path_factory):
     import uvicorn
 
-    tiny = tiny_run(tmp_path_factory.getbasetemp())
     index_dir = tmp_path_factory.mktemp("browser") / "index"
-    search.build_index(Encoder(str(tiny["checkpoint"]), "cpu"), str(tiny["images"]), str(index_dir),
-                       progress=False)
+    search_index.build_index(Encoder(str(tiny["checkpoint"]), "cpu"), str(tiny["images"]), str(index_dir),
+                             progress=False)
     app = serve.create_app(str(tiny["checkpoint"]), str(index_dir), device="cpu")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

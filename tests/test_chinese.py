@@ -7,11 +7,11 @@ import torch
 from tokenizers import BertWordPieceTokenizer
 from transformers import BertConfig, BertModel
 
-import demo
+from tools import demo
 import eval as eval_script
 import train
 from model import load_tokenizer
-from tests.conftest import tiny_train_args, write_csv
+from tests.helpers import DEMO_EVAL_CONFIG, tiny_train_args, write_csv
 
 COLOURS = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色",
            "white": "白色", "black": "黑色"}
@@ -64,7 +64,7 @@ def test_chinese_bert_text_tower_trains_and_evaluates(tmp_path):
     out = tmp_path / "run"
     args = tiny_train_args(tmp_path, out, "--text-model", str(tmp_path / "bert"), "--epochs", "1")
     train.main(args)
-    metrics = eval_script.main(["--config", "configs/demo-eval.yaml", "--model-path", str(out / "last.pt"),
+    metrics = eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(out / "last.pt"),
                                 "--valid-root", str(tmp_path / "valid"), "--num-workers", "0",
                                 "--output", str(out / "eval.json")])
     assert metrics["num_images"] == 10 and metrics["num_captions"] == 10

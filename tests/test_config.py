@@ -6,8 +6,8 @@ import yaml
 
 import eval as eval_script
 import train
-from config import ConfigError, load_config, parse_overrides
-from tests.conftest import ROOT
+from engine.config import ConfigError, load_config, parse_overrides
+from tests.helpers import ROOT
 
 
 def test_overrides_get_natural_types():

@@ -8,7 +8,7 @@ from torchvision import transforms as T
 
 from dataset import DataError, PairCollate, PairDataset, image_transform, load_image, normalize, read_captions
 from model import IMAGENET_MEAN, IMAGENET_STD, load_tokenizer
-from tests.conftest import write_csv
+from tests.helpers import write_csv
 
 
 def save(img, root, name, **kw):

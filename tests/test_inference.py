@@ -1,5 +1,6 @@
-"""inference.py, search.py, classify.py and export.py on a tiny trained checkpoint, checked against eval.py."""
+"""The inference encoder, search, classify and export on a tiny trained checkpoint, checked against evaluation."""
 import copy
+import dataclasses
 import os
 import shutil
 import sys
@@ -9,23 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny import tiny_run
 
-import classify
-import eval as evaluation
-import export
-import search
+from inference import classify
+from engine import evaluation
+from engine.checkpoint import load_trained
+from inference import export
+from inference import index as search_index, search
 from dataset import tokenize
-from inference import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, check_templates,
+from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, check_templates,
                        zero_shot_probs)
-from runtime import amp_context
+from engine.runtime import amp_context
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +37,12 @@ def load_each_checkpoint_once(monkeypatch):
     """The entry scripts build an Encoder per call (~1-3 s); reuse one per checkpoint path in this module."""
     cache = _ENCODERS
 
-    def cached(model_path, device="auto", batch_size=64, num_workers=0, **kwargs):
-        key = os.path.abspath(model_path)
+    def cached(model_path, device="auto", text_model=None, batch_size=64, num_workers=0, **kwargs):
+        key = (os.path.abspath(model_path), text_model)
         if key not in cache:
-            cache[key] = Encoder(model_path, "cpu", **kwargs)
+            cache[key] = Encoder(model_path, "cpu", text_model, **kwargs)
         enc = copy.copy(cache[key])
-        enc.batch_size, enc.num_workers = batch_size, num_workers
+        enc.enc = dataclasses.replace(enc.enc, batch_size=batch_size, num_workers=num_workers)
         return enc
 
     for module in (classify, search):
@@ -73,16 +69,18 @@ def exit_message(excinfo):
 
 # ---------------------------------------------------------------------- encoding is eval's encoding
 def test_encoder_matches_eval(tiny, encoder):
-    model, tokenizer, cfg = evaluation.load_trained(str(tiny["checkpoint"]), CPU)
+    model, tokenizer, cfg = load_trained(str(tiny["checkpoint"]), CPU)
     paths = sorted(str(p) for p in tiny["images"].iterdir())[:10]
     amp = amp_context(CPU, False)
-    want = evaluation.encode_images(model, paths, cfg["image-size"], 4, 0, CPU, amp)
+    enc = evaluation.Encoding(cfg["image-size"], cfg["max-length"], 4, 0, CPU, amp)
+    want, kept, failed = evaluation.encode_image_files(model, paths, enc)
+    assert kept == list(range(10)) and failed == []
     assert torch.allclose(encoder.encode_images(paths), want, atol=1e-5)
     feats, kept, failed = encoder.encode_image_files(paths)
     assert kept == list(range(10)) and failed == []
     assert torch.allclose(feats, want, atol=1e-5)
     texts = ["a big red circle in the top left", "star", "green square, large, right"]
-    want = evaluation.encode_texts(model, tokenizer, texts, cfg["max-length"], 2, CPU, amp)
+    want = evaluation.encode_texts(model, tokenizer, texts, dataclasses.replace(enc, batch_size=2))
     assert torch.allclose(encoder.encode_texts(texts), want, atol=1e-5)
     assert torch.allclose(want.norm(dim=1), torch.ones(3), atol=1e-5)
 
@@ -134,7 +132,7 @@ def test_classify_cli(tiny, encoder, tmp_path, capsys):
     image = str(sorted(tiny["images"].iterdir())[0])
     templates = tmp_path / "templates.txt"
     templates.write_text("a photo of a {}.\n\nthere is a {}\n")
-    out = classify.main(["--model", str(tiny["checkpoint"]), "--image", image, "--labels", "circle, star,square",
+    out = classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, "--labels", "circle, star,square",
                          "--templates-file", str(templates), "--device", "cpu"])
     labels = out[0]["labels"]
     probs = [x["prob"] for x in labels]
@@ -145,7 +143,7 @@ def test_classify_cli(tiny, encoder, tmp_path, capsys):
     assert {x["label"]: x["prob"] for x in labels} == pytest.approx(dict(zip(names, want.tolist())), abs=1e-6)
     assert "circle" in capsys.readouterr().out
     # defaults: the built-in templates
-    out = classify.main(["--model", str(tiny["checkpoint"]), "--image", image, "--labels", "a,b", "--top", "1"])
+    out = classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, "--labels", "a,b", "--top", "1"])
     assert len(out[0]["labels"]) == 1 and len(DEFAULT_TEMPLATES) > 3
 
 
@@ -157,7 +155,7 @@ def test_classify_cli(tiny, encoder, tmp_path, capsys):
 def test_classify_user_errors(tiny, args, message):
     image = str(sorted(tiny["images"].iterdir())[0])
     with pytest.raises(SystemExit) as e:
-        classify.main(["--model", str(tiny["checkpoint"]), "--image", image, *args])
+        classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, *args])
     assert exit_message(e).startswith("error:") and message in exit_message(e)
 
 
@@ -165,16 +163,16 @@ def test_classify_missing_checkpoint_and_bad_image(tiny, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
     with pytest.raises(SystemExit) as e:
-        classify.main(["--model", str(tmp_path / "none.pt"), "--image", str(bad), "--labels", "a"])
+        classify.main(["--model-path", str(tmp_path / "none.pt"), "--image", str(bad), "--labels", "a"])
     assert "does not exist" in exit_message(e)
     with pytest.raises(SystemExit) as e:
-        classify.main(["--model", str(tiny["checkpoint"]), "--image", str(bad), "--labels", "a"])
+        classify.main(["--model-path", str(tiny["checkpoint"]), "--image", str(bad), "--labels", "a"])
     assert "cannot decode image" in exit_message(e)
 
 
 # ---------------------------------------------------------------------- index and search
 def index_cmd(tiny, photos, out, *extra):
-    return search.main(["index", "--model", str(tiny["checkpoint"]), "--images", str(photos), "--out", str(out),
+    return search.main(["index", "--model-path", str(tiny["checkpoint"]), "--images", str(photos), "--output", str(out),
                         "--num-workers", "0", "--device", "cpu", *extra])
 
 
@@ -183,7 +181,7 @@ def test_index_then_update_only_encodes_changes(tiny, encoder, photos, tmp_path,
     summary = index_cmd(tiny, photos, out)
     assert summary == {"images": 12, "new": 12, "unchanged": 0, "removed": 0, "failed": 1}
     assert "broken.jpg" in capsys.readouterr().err
-    index = search.ImageIndex.load(str(out))
+    index = search_index.ImageIndex.load(str(out))
     assert index.files == ([f"a/{n}" for n in sorted(os.listdir(photos / "a"))]
                            + [f"b/c/{n}" for n in sorted(os.listdir(photos / "b/c"))])
     assert index.meta["failed"] == ["broken.jpg"] and index.checkpoint["sha256"] == encoder.identity()["sha256"]
@@ -200,7 +198,7 @@ def test_index_then_update_only_encodes_changes(tiny, encoder, photos, tmp_path,
     os.remove(photos / index.files[0])
     summary = index_cmd(tiny, photos, out)
     assert summary == {"images": 13, "new": 2, "unchanged": 11, "removed": 1, "failed": 1}
-    index = search.ImageIndex.load(str(out))
+    index = search_index.ImageIndex.load(str(out))
     assert "a/new1.jpg" in index.files and "d/new2.png" in index.files and before.keys() - set(index.files)
     for i, name in enumerate(index.files):
         if name in before:
@@ -221,23 +219,23 @@ def test_index_with_another_checkpoint(tiny, photos, tmp_path):
     ckpt = torch.load(tiny["checkpoint"], weights_only=False)
     ckpt["model"]["image.proj.bias"] = ckpt["model"]["image.proj.bias"] + 0.5  # a different model
     torch.save(ckpt, other)
-    cmd = ["index", "--model", str(other), "--images", str(photos), "--out", str(out), "--num-workers", "0"]
+    cmd = ["index", "--model-path", str(other), "--images", str(photos), "--output", str(out), "--num-workers", "0"]
     with pytest.raises(SystemExit) as e:
         search.main(cmd)
     assert "another checkpoint" in exit_message(e) and "--rebuild" in exit_message(e)
     with pytest.raises(SystemExit) as e:  # querying with the wrong model is refused too
-        search.main(["query", "--index", str(out), "--model", str(other), "--text", "a red star"])
+        search.main(["query", "--index", str(out), "--model-path", str(other), "--text", "a red star"])
     assert "was built with" in exit_message(e)
-    old = search.ImageIndex.load(str(out)).embeddings
+    old = search_index.ImageIndex.load(str(out)).embeddings
     assert search.main(cmd + ["--rebuild"])["new"] == 12
-    index = search.ImageIndex.load(str(out))
+    index = search_index.ImageIndex.load(str(out))
     assert index.checkpoint["path"] == str(other) and not torch.allclose(index.embeddings, old, atol=1e-2)
 
 
 def test_query_cli(tiny, encoder, photos, tmp_path, capsys):
     out = tmp_path / "index"
     index_cmd(tiny, photos, out)
-    index = search.ImageIndex.load(str(out))
+    index = search_index.ImageIndex.load(str(out))
     capsys.readouterr()
 
     results = search.main(["query", "--index", str(out), "--text", "a big red circle", "-k", "5"])
@@ -253,7 +251,7 @@ def test_query_cli(tiny, encoder, photos, tmp_path, capsys):
     # image -> text over a captions CSV (duplicates ranked once) and over a plain text file
     captions = tmp_path / "caps.csv"
     captions.write_text("filename,caption\nx.jpg,a red star\ny.jpg,a blue circle\nz.jpg,a red star\n")
-    results = search.main(["query", "--model", str(tiny["checkpoint"]), "--captions", str(captions),
+    results = search.main(["query", "--model-path", str(tiny["checkpoint"]), "--captions", str(captions),
                            "--image", query])
     text = encoder.encode_texts(["a red star", "a blue circle"])
     sims = (encoder.encode_images([query]) @ text.T)[0].tolist()
@@ -284,24 +282,27 @@ def test_faiss_matches_exact_or_says_how_to_install(tiny, photos, tmp_path, monk
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda t, p: ["index", "--model", str(t["checkpoint"]), "--images", str(p / "nowhere"), "--out", str(p / "i")],
+    (lambda t, p: ["index", "--model-path", str(t["checkpoint"]), "--images", str(p / "nowhere"), "--output", str(p / "i")],
      "does not exist"),
     (lambda t, p: ["query", "--index", str(p), "--text", "x"], "not an index"),
     (lambda t, p: ["query", "--text", "x"], "--index is required"),
     (lambda t, p: ["query", "--index", str(p), "--text", "x", "-k", "0"], "at least 1"),
 ])
-def test_search_user_errors(tiny, photos, make_args, message):
+def test_search_user_errors(tiny, photos, make_args, message, capsys):
     with pytest.raises(SystemExit) as e:
         search.main(make_args(tiny, photos))
-    assert exit_message(e).startswith("error:") and message in exit_message(e)
+    if e.value.code == 2:  # a usage error: argparse prints it on stderr
+        assert message in capsys.readouterr().err
+    else:
+        assert exit_message(e).startswith("error:") and message in exit_message(e)
 
 
 def test_index_of_folder_without_images(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("x")
     with pytest.raises(SystemExit) as e:
-        search.main(["index", "--model", str(tiny["checkpoint"]), "--images", str(tmp_path / "empty"),
-                     "--out", str(tmp_path / "i")])
+        search.main(["index", "--model-path", str(tiny["checkpoint"]), "--images", str(tmp_path / "empty"),
+                     "--output", str(tmp_path / "i")])
     assert "no .jpg/.jpeg/.png/.webp images" in exit_message(e)
 
 
@@ -309,9 +310,9 @@ def test_index_of_folder_without_images(tiny, tmp_path):
 def test_export_matches_pytorch(tiny, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     import json
-    paths = export.main(["--model", str(tiny["checkpoint"]), "--out", str(tmp_path / "onnx")])
+    paths = export.main(["--model-path", str(tiny["checkpoint"]), "--output", str(tmp_path / "onnx")])
     info = json.loads((tmp_path / "onnx" / "export.json").read_text())
-    model, tokenizer, cfg = evaluation.load_trained(str(tiny["checkpoint"]), CPU)  # a fresh, untouched model
+    model, tokenizer, cfg = load_trained(str(tiny["checkpoint"]), CPU)  # a fresh, untouched model
     assert info["image_size"] == cfg["image-size"] and info["max_length"] == cfg["max-length"]
     assert info["logit_scale"] == pytest.approx(float(model.logit_scale()))
     assert len(info["mean"]) == len(info["std"]) == 3 and info["embedding_dim"] == model.dim

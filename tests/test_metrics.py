@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics import format_table, retrieval_metrics, retrieval_ranks
-from metrics import caption_table
+from engine.metrics import format_table, retrieval_metrics, retrieval_ranks
+from engine.metrics import caption_table
 
 
 def features_for(sim):

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 import model as model_module
-from model import ModelError, RetrievalModel, build_model, load_text_model, text_length_limit
+from model import ModelError, build_model, load_text_model, text_length_limit
 
 
 def tiny_cfg(tiny_data, **kw):

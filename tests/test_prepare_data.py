@@ -1,4 +1,4 @@
-"""prepare_data.py on tiny hand-made files in each real format, checked row by row."""
+"""tools/prepare_data.py on tiny hand-made files in each real format, checked row by row."""
 import csv
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so plain `pytest` finds the script
-import prepare_data  # noqa: E402
+from tools import prepare_data  # noqa: E402
 
 # COCO: (image id, file name, mode, size); id 3 is a corrupt file, id 5 has no caption
 COCO_IMAGES = [(1, "000000000001.jpg", "RGB", (256, 192)),
@@ -79,7 +79,7 @@ def error_of(argv):
 
 def test_coco_keeps_all_cleaned_captions_and_links_images(coco, tmp_path, capsys):
     out = tmp_path / "out"
-    stats = prepare_data.main(coco + ["--out", str(out)])
+    stats = prepare_data.main(coco + ["--output", str(out)])
     assert read_rows(out) == COCO_ROWS
     # quoting by the csv module: the caption with a comma and quotes survives as one field
     assert '000000000001.jpg,"Two cats, one ""grumpy""."\n' in (out / "captions.csv").read_text()
@@ -94,7 +94,7 @@ def test_coco_keeps_all_cleaned_captions_and_links_images(coco, tmp_path, capsys
 
 def test_captions_per_image_is_a_seeded_choice_in_original_order(coco, tmp_path):
     def run(k, seed, name):
-        prepare_data.main(coco + ["--out", str(tmp_path / name),
+        prepare_data.main(coco + ["--output", str(tmp_path / name),
                                   "--captions-per-image", str(k), "--seed", str(seed)])
         return read_rows(tmp_path / name)
 
@@ -116,7 +116,7 @@ def test_captions_per_image_is_a_seeded_choice_in_original_order(coco, tmp_path)
 
 def test_resize_writes_rgb_jpegs_with_short_side_s_and_reports_unreadable(coco, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = coco[:-1] + ["2", "--out", str(out), "--resize", "32"]  # two worker processes
+    argv = coco[:-1] + ["2", "--output", str(out), "--resize", "32"]  # two worker processes
     stats = prepare_data.main(argv)
     sizes = {}
     for path in (out / "images").iterdir():
@@ -140,14 +140,14 @@ def test_resize_writes_rgb_jpegs_with_short_side_s_and_reports_unreadable(coco, 
 
 def test_rerun_skips_finished_images_and_redoes_the_rest(coco, tmp_path):
     out = tmp_path / "out"
-    argv = coco + ["--out", str(out), "--resize", "32"]
+    argv = coco + ["--output", str(out), "--resize", "32"]
     prepare_data.main(argv)
     images = out / "images"
     # a marker in place of a finished image: a rerun must leave it alone
     Image.new("RGB", (5, 5)).save(images / "000000000001.jpg")
     # a crash halfway through image 2: the output is missing, a half-written temp file is left
     (images / "000000000002.jpg").unlink()
-    (images / ".000000000002.jpg.tmp").write_bytes(b"half")
+    (images / ".000000000002.jpg.12345.partial").write_bytes(b"half")
     prepare_data.main(argv)
     with Image.open(images / "000000000001.jpg") as image:
         assert image.size == (5, 5)
@@ -183,7 +183,7 @@ def test_flickr30k_results_csv(tmp_path, flickr_images):
                         "2000.jpg| 1| A man runs .\n"
                         "2000.jpg| 4   A row with the second bar missing .\n\n")
     prepare_data.main(["flickr30k", "--captions", str(captions), "--images", str(flickr_images),
-                       "--workers", "1", "--out", str(tmp_path / "out")])
+                       "--workers", "1", "--output", str(tmp_path / "out")])
     assert read_rows(tmp_path / "out") == [("1000.jpg", "Two dogs | one ball ."),
                                            ("2000.jpg", 'A man, "running" .'),
                                            ("2000.jpg", "A man runs ."),
@@ -195,7 +195,7 @@ def test_flickr30k_token_file(tmp_path, flickr_images):
     captions.write_text("2000.jpg#0\tA man runs .\n1000.jpg#0\tTwo dogs .\n"
                         "1000.jpg#1\tTwo dogs play , outside .\n")
     prepare_data.main(["flickr30k", "--captions", str(captions), "--images", str(flickr_images),
-                       "--workers", "1", "--out", str(tmp_path / "out")])
+                       "--workers", "1", "--output", str(tmp_path / "out")])
     assert read_rows(tmp_path / "out") == [("1000.jpg", "Two dogs ."),
                                            ("1000.jpg", "Two dogs play , outside ."),
                                            ("2000.jpg", "A man runs .")]
@@ -204,11 +204,11 @@ def test_flickr30k_token_file(tmp_path, flickr_images):
 def test_merge_prefixes_names_with_the_source_folder(coco, tmp_path, flickr_images):
     captions = tmp_path / "results_20130124.token"
     captions.write_text("2000.jpg#0\tA man runs .\n1000.jpg#0\tTwo dogs .\n")
-    prepare_data.main(coco + ["--out", str(tmp_path / "coco")])
+    prepare_data.main(coco + ["--output", str(tmp_path / "coco")])
     prepare_data.main(["flickr30k", "--captions", str(captions), "--images", str(flickr_images),
-                       "--workers", "1", "--out", str(tmp_path / "flickr")])
+                       "--workers", "1", "--output", str(tmp_path / "flickr")])
     train = tmp_path / "train"
-    stats = prepare_data.main(["merge", "--workers", "1", "--out", str(train),
+    stats = prepare_data.main(["merge", "--workers", "1", "--output", str(train),
                                str(tmp_path / "coco"), str(tmp_path / "flickr")])
     assert read_rows(train) == ([("coco_" + name, caption) for name, caption in COCO_ROWS]
                                 + [("flickr_1000.jpg", "Two dogs ."),
@@ -217,12 +217,12 @@ def test_merge_prefixes_names_with_the_source_folder(coco, tmp_path, flickr_imag
     assert os.path.samefile(train / "images" / "flickr_1000.jpg", flickr_images / "1000.jpg")
     # two sources with the same folder name would give the same output names
     (tmp_path / "other").mkdir()
-    prepare_data.main(coco + ["--out", str(tmp_path / "other" / "coco")])
-    message = error_of(["merge", "--out", str(tmp_path / "train2"), str(tmp_path / "coco"),
+    prepare_data.main(coco + ["--output", str(tmp_path / "other" / "coco")])
+    message = error_of(["merge", "--output", str(tmp_path / "train2"), str(tmp_path / "coco"),
                         str(tmp_path / "other" / "coco")])
     assert message.startswith("error: two images would both be written as coco_000000000001.jpg")
     assert "give the source folders different names" in message
-    assert error_of(["merge", "--out", str(tmp_path / "x"), str(tmp_path / "nothing")]) == (
+    assert error_of(["merge", "--output", str(tmp_path / "x"), str(tmp_path / "nothing")]) == (
         f"error: {tmp_path / 'nothing' / 'captions.csv'} not found; prepare "
         f"{tmp_path / 'nothing'} first with the coco or flickr30k command")
 
@@ -231,19 +231,19 @@ def test_missing_images_stop_or_are_skipped_with_a_warning(coco, tmp_path, capsy
     images = tmp_path / "coco_images"
     (images / "000000000004.png").unlink()
     (images / "000000000002.jpg").unlink()
-    message = error_of(coco + ["--out", str(tmp_path / "out")])
+    message = error_of(coco + ["--output", str(tmp_path / "out")])
     assert message == (f"error: 2 of 4 images are missing (first: {images / '000000000002.jpg'}, "
                        f"{images / '000000000004.png'}); check the image folder, or pass "
                        "--skip-missing to leave them out")
     assert not (tmp_path / "out" / "captions.csv").exists()
-    prepare_data.main(coco + ["--out", str(tmp_path / "out"), "--skip-missing"])
+    prepare_data.main(coco + ["--output", str(tmp_path / "out"), "--skip-missing"])
     assert read_rows(tmp_path / "out") == [row for row in COCO_ROWS
                                            if row[0] in ("000000000001.jpg", "000000000003.jpg")]
     assert "warning: 2 of 4 images are missing" in capsys.readouterr().err
 
 
 def test_bad_input_is_a_one_line_error(coco, tmp_path, flickr_images):
-    annotations, out = Path(coco[2]), ["--out", str(tmp_path / "out")]
+    annotations, out = Path(coco[2]), ["--output", str(tmp_path / "out")]
     data = json.loads(annotations.read_text())
 
     def coco_error(json_text):

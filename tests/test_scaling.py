@@ -10,11 +10,11 @@ import torch.multiprocessing as mp
 from transformers import AutoModel
 
 from dataset import tokenize
-from gradcache import cached_step
+from engine import step as step_module
+from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss
 from model import RetrievalModel, load_tokenizer
-from tests.conftest import ROOT, tiny_train_args
-from train import plain_step
+from tests.helpers import ROOT, tiny_train_args
 
 B = 16
 
@@ -64,8 +64,7 @@ def chunked_reference(model, batch, micro):
 def test_gradcache_equals_full_batch_without_dropout(tiny_data):
     batch = tiny_batch(tiny_data / "text")
     model = tiny_model(tiny_data / "text", dropout=0.0)
-    full = plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False))
-    full["loss"].backward()
+    full = plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False), NoScaler())
     g_full = grads(model)
     model.zero_grad()
     cached = cached_step(model, ContrastiveLoss(), batch, 4, torch.autocast("cpu", enabled=False), NoScaler())
@@ -74,7 +73,7 @@ def test_gradcache_equals_full_batch_without_dropout(tiny_data):
     assert "log_scale" in g_full  # the learnable temperature gets its gradient through the model too
 
 
-def test_gradcache_replays_dropout_masks(tiny_data):
+def test_gradcache_replays_dropout_masks(tiny_data, monkeypatch):
     batch = tiny_batch(tiny_data / "text")
     model = tiny_model(tiny_data / "text", dropout=0.3)
     torch.manual_seed(5)
@@ -85,10 +84,11 @@ def test_gradcache_replays_dropout_masks(tiny_data):
     cached = cached_step(model, ContrastiveLoss(), batch, 4, torch.autocast("cpu", enabled=False), NoScaler())
     assert cached["loss"].item() == pytest.approx(ref["loss"].item(), abs=1e-5)
     assert_same(g_ref, grads(model))
-    # Without the replay the second pass would draw new masks: the gradients would differ.
+    # The same step with the replay switched off: pass 2 draws new masks and the gradients differ.
     model.zero_grad()
-    torch.manual_seed(6)
-    chunked_reference(model, batch, 4)
+    monkeypatch.setattr(step_module, "set_rng_state", lambda state: None)
+    torch.manual_seed(5)
+    cached_step(model, ContrastiveLoss(), batch, 4, torch.autocast("cpu", enabled=False), NoScaler())
     assert not all(torch.allclose(g_ref[n], p.grad, atol=1e-5) for n, p in model.named_parameters()
                    if p.grad is not None)
 
@@ -106,11 +106,11 @@ def test_gradcache_updates_batchnorm_statistics_once_per_chunk(tiny_data):
 def test_grad_checkpointing_gives_the_same_gradients(tiny_data):
     batch = tiny_batch(tiny_data / "text")
     model = tiny_model(tiny_data / "text", dropout=0.0)
-    plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False))["loss"].backward()
+    plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False), NoScaler())
     g_plain = grads(model)
     model.zero_grad()
     model.set_grad_checkpointing(True)
-    plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False))["loss"].backward()
+    plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False), NoScaler())
     assert_same(g_plain, grads(model))
 
 
@@ -134,8 +134,7 @@ def ddp_worker(rank, world_size, port, text_dir, micro, result_path):
     if micro:
         out = cached_step(ddp, loss_fn, local, micro, amp, NoScaler())
     else:
-        out = plain_step(ddp, loss_fn, local, amp)
-        out["loss"].backward()
+        out = plain_step(ddp, loss_fn, local, amp, NoScaler())
     opt.step()
     if rank == 0:
         torch.save((out["loss"].item(), model.state_dict()), result_path)
@@ -150,8 +149,8 @@ def test_two_processes_match_one_process(tiny_data, micro, tmp_path):
     # SGD: the update is linear in the gradient. (Adam's first step divides by |g|, so rounding noise in
     # near-zero gradients would show up as lr-sized differences.)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    out = plain_step(model, ContrastiveLoss(), tiny_batch(text_dir), torch.autocast("cpu", enabled=False))
-    out["loss"].backward()
+    out = plain_step(model, ContrastiveLoss(), tiny_batch(text_dir), torch.autocast("cpu", enabled=False),
+                     NoScaler())
     opt.step()
     ctx = mp.get_context("spawn")
     port, result_path = free_port(), tmp_path / "rank0.pt"

@@ -8,18 +8,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tiny import tiny_run
 
-import search
-import serve
-from inference import DEFAULT_TEMPLATES, Encoder
+from inference import index as search_index
+from inference import serve
+from inference.encoder import DEFAULT_TEMPLATES, Encoder
 
 UPLOAD_MB = 0.5  # a small limit, so the over-limit test sends little
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +24,7 @@ def encoder(tiny):
 @pytest.fixture(scope="module")
 def index_dir(tiny, encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "index"
-    search.build_index(encoder, str(tiny["images"]), str(out), progress=False)
+    search_index.build_index(encoder, str(tiny["images"]), str(out), progress=False)
     return out
 
 
@@ -54,7 +48,7 @@ def png(size, mode="RGB"):
 
 def test_health_docs_and_page(client, index_dir):
     health = client.get("/api/health").json()
-    assert health["status"] == "ok" and health["images"] == len(search.ImageIndex.load(str(index_dir)))
+    assert health["status"] == "ok" and health["images"] == len(search_index.ImageIndex.load(str(index_dir)))
     assert health["max_upload_mb"] == UPLOAD_MB
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/search", "/api/search/image",
                                                                   "/api/classify", "/api/image/{image_id}"}
@@ -68,7 +62,7 @@ def test_text_search_ranks_like_the_index(client, encoder, index_dir):
     r = client.get("/api/search", params={"q": "a big red circle in the top left", "k": 5})
     assert r.status_code == 200
     results = r.json()["results"]
-    index = search.ImageIndex.load(str(index_dir))
+    index = search_index.ImageIndex.load(str(index_dir))
     scores = index.embeddings @ encoder.encode_texts(["a big red circle in the top left"])[0]  # (N,)
     assert [x["id"] for x in results] == scores.topk(5).indices.tolist()
     assert [x["score"] for x in results] == sorted((x["score"] for x in results), reverse=True)
@@ -81,7 +75,7 @@ def test_text_search_ranks_like_the_index(client, encoder, index_dir):
 
 
 def test_image_search_finds_the_image_itself(client, index_dir):
-    index = search.ImageIndex.load(str(index_dir))
+    index = search_index.ImageIndex.load(str(index_dir))
     for i in (0, 5, len(index) - 1):
         r = client.post("/api/search/image", params={"k": 4},
                         files={"file": ("query.jpg", image_bytes(index.path(i)), "image/jpeg")})
@@ -92,7 +86,7 @@ def test_image_search_finds_the_image_itself(client, index_dir):
 
 
 def test_classify_probabilities(client, encoder, index_dir):
-    index = search.ImageIndex.load(str(index_dir))
+    index = search_index.ImageIndex.load(str(index_dir))
     path = index.path(3)
     r = client.post("/api/classify", data={"labels": "circle, square,triangle ,star"},
                     files={"file": ("x.jpg", image_bytes(path), "image/jpeg")})
@@ -115,7 +109,7 @@ def truncated_jpeg(tiny):
     ("blank query", 422, "blank"),
     ("long query", 422, "at most 500 characters"),
     ("k zero", 422, "greater than or equal to 1"),
-    ("k too big", 422, "less than or equal to 100"),
+    ("k too big", 422, "k is at most 100"),
     ("k not a number", 422, "valid integer"),
     ("no file", 422, "Field required"),
     ("text upload", 415, "not an image"),
@@ -176,7 +170,7 @@ def test_chunked_upload_over_the_limit_is_refused(client):
 
 
 def test_only_indexed_files_are_served(client, index_dir, tiny):
-    index = search.ImageIndex.load(str(index_dir))
+    index = search_index.ImageIndex.load(str(index_dir))
     assert client.get(f"/api/image/{len(index)}").status_code == 404
     for probe in ("/api/image/../../etc/passwd", "/static/../serve.py", "/static/%2e%2e/serve.py"):
         assert client.get(probe).status_code == 404
@@ -190,5 +184,5 @@ def test_index_built_with_another_checkpoint_is_refused(tiny, index_dir, tmp_pat
     meta["checkpoint"]["sha256"] = "0" * 64  # as if another checkpoint had encoded the images
     (other / "index.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit) as e:
-        serve.main(["--model", str(tiny["checkpoint"]), "--index", str(other), "--device", "cpu"])
+        serve.main(["--model-path", str(tiny["checkpoint"]), "--index", str(other), "--device", "cpu"])
     assert str(e.value.code).startswith("error:") and "was built with" in str(e.value.code)

@@ -7,8 +7,9 @@ import torch
 
 import eval as eval_script
 import train
-from checkpoint import load_checkpoint
-from tests.conftest import tiny_train_args
+from engine import epoch as epoch_module
+from engine.checkpoint import load_checkpoint
+from tests.helpers import DEMO_EVAL_CONFIG, tiny_train_args
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_training_writes_checkpoints_log_and_plot(trained):
 def test_eval_script_reproduces_train_time_validation(trained, tiny_data):
     out, _ = trained
     json_path = out / "eval.json"
-    metrics = eval_script.main(["--config", "configs/demo-eval.yaml", "--model-path", str(out / "best.pt"),
+    metrics = eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(out / "best.pt"),
                                 "--valid-root", str(tiny_data / "valid"), "--num-workers", "0",
                                 "--device", "cpu", "--output", str(json_path)])
     stored = load_checkpoint(str(out / "best.pt"))["metrics"]
@@ -94,8 +95,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(trained, tiny_data,
         result["loss"] = result["loss"] * float("nan")
         return result
 
-    real_step = train.plain_step
-    monkeypatch.setattr(train, "plain_step", nan_step)
+    real_step = epoch_module.plain_step
+    monkeypatch.setattr(epoch_module, "plain_step", nan_step)
     with pytest.raises(SystemExit, match="loss became nan at epoch 2, step 0.*last good checkpoint is kept"):
         train.main(tiny_train_args(tiny_data, run, "--epochs", "4", "--load-checkpoint", "true",
                                    "--load-path", str(run / "last.pt")))
@@ -109,12 +110,12 @@ def test_corrupt_validation_image_stops_eval_with_its_name(trained, tiny_data, t
     bad = sorted(os.listdir(valid / "images"))[3]
     (valid / "images" / bad).write_bytes(b"\xff\xd8\xff broken")
     with pytest.raises(SystemExit, match=f"cannot decode image .*{bad}"):
-        eval_script.main(["--config", "configs/demo-eval.yaml", "--model-path", str(out / "best.pt"),
+        eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(out / "best.pt"),
                           "--valid-root", str(valid), "--num-workers", "0", "--output", str(tmp_path / "e.json")])
 
 
 def test_missing_checkpoint_and_batch_too_big_are_clear(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="checkpoint '.*none.pt' does not exist"):
-        eval_script.main(["--config", "configs/demo-eval.yaml", "--model-path", str(tmp_path / "none.pt")])
+        eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(tmp_path / "none.pt")])
     with pytest.raises(SystemExit, match="has 48 pairs, fewer than one batch \\(64\\)"):
         train.main(tiny_train_args(tiny_data, tmp_path, "--batch-size", "64"))

@@ -6,8 +6,8 @@ validation split has every combination exactly once, so a perfect model reaches 
 has exactly one right image. The text encoder is a 2-layer RoBERTa (hidden size 128) with a byte-level BPE tokenizer trained
 on the training captions, saved in the ordinary Hugging Face folder format so the real loading code reads it.
 
-`python demo.py` writes it; `train.py` does the same on its own when a config sets `demo-data: true` and
-the folders are absent.
+`python -m tools.demo` writes it; `train.py` does the same on its own when a config sets `demo-data: true` and
+the folders are absent. The benchmarks draw their captions from here too.
 """
 import argparse
 import csv
@@ -17,6 +17,9 @@ import random
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from dataset import read_captions_csv
+from engine.files import atomic_write
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 230), "yellow": (240, 215, 40),
            "purple": (140, 60, 190), "orange": (250, 140, 30), "white": (250, 250, 250), "black": (20, 20, 20)}
@@ -49,6 +52,18 @@ def caption(scene, rng):
     colour, shape, size, place = scene
     return rng.choice(TEMPLATES).format(size=rng.choice(SIZE_WORDS[size]), colour=colour, shape=shape,
                                         place=rng.choice(PLACE_WORDS[place]))
+
+
+def distinct_captions(scene, count, rng, tries=50):
+    """`count` different captions of one scene (a repeated row would be dropped as a duplicate when read)."""
+    out = []
+    for _ in range(tries * count):
+        c = caption(scene, rng)
+        if c not in out:
+            out.append(c)
+        if len(out) == count:
+            break
+    return out
 
 
 def draw(scene, rng):
@@ -84,14 +99,18 @@ def write_split(root, scenes, captions_per_image, rng):
     for i, scene in enumerate(scenes):
         name = f"{i:05d}.jpg"
         draw(scene, rng).save(os.path.join(root, "images", name), quality=90)
-        rows += [(name, caption(scene, rng)) for _ in range(captions_per_image)]
-    tmp = os.path.join(root, "captions.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
+        rows += [(name, c) for c in distinct_captions(scene, captions_per_image, rng)]
+    write_captions_csv(os.path.join(root, "captions.csv"), rows)  # written last: it marks a finished split
+    return rows
+
+
+def write_captions_csv(path, rows):
+    """(filename, caption) rows as a captions.csv, atomically."""
+    def write(f):
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["filename", "caption"])
         w.writerows(rows)
-    os.replace(tmp, os.path.join(root, "captions.csv"))  # written last: its presence marks a finished split
-    return rows
+    atomic_write(path, write)
 
 
 def write_text_model(folder, captions, hidden=128, layers=2, max_tokens=32):
@@ -128,20 +147,22 @@ def make_demo(train_root, valid_root, text_model, train_images=3000, captions_pe
         print(f"demo: wrote {len(rows)} validation pairs to {valid_root}")
     if not os.path.isfile(os.path.join(text_model, "config.json")):
         if train_rows is None:
-            with open(os.path.join(train_root, "captions.csv"), newline="", encoding="utf-8") as f:
-                train_rows = [(r["filename"], r["caption"]) for r in csv.DictReader(f)]
+            train_rows = [values for _, values in read_captions_csv(os.path.join(train_root, "captions.csv"))]
         write_text_model(text_model, [c for _, c in train_rows])
         print(f"demo: wrote a tiny text encoder and tokenizer to {text_model}")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-root", default="datasets/demo/train")
-    p.add_argument("--valid-root", default="datasets/demo/valid")
-    p.add_argument("--text-model", default="pretrains/demo-text")
-    p.add_argument("--train-images", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--train-root", default="datasets/demo/train", help="training split folder to write")
+    p.add_argument("--valid-root", default="datasets/demo/valid", help="validation split folder to write")
+    p.add_argument("--text-model", default="pretrains/demo-text", help="folder for the tiny text encoder")
+    p.add_argument("--train-images", type=int, default=3000, help="training images (3 captions each)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     a = p.parse_args(argv)
+    if a.train_images < 1:
+        p.error("--train-images must be at least 1")
     make_demo(a.train_root, a.valid_root, a.text_model, a.train_images, seed=a.seed)
 
 

@@ -15,13 +15,13 @@ Commands:
 Reference run: COCO 2017 train + all of Flickr30k for training, COCO val2017 with one caption
 per image (5000 pairs) for validation:
 
-  python prepare_data.py coco --annotations coco/annotations/captions_train2017.json \\
-      --images coco/train2017 --out datasets/coco
-  python prepare_data.py flickr30k --captions flickr30k/dataset_flickr30k.json \\
-      --images flickr30k/flickr30k-images --out datasets/flickr
-  python prepare_data.py merge --out datasets/train datasets/coco datasets/flickr
-  python prepare_data.py coco --annotations coco/annotations/captions_val2017.json \\
-      --images coco/val2017 --out datasets/valid --captions-per-image 1
+  python -m tools.prepare_data coco --annotations coco/annotations/captions_train2017.json \\
+      --images coco/train2017 --output datasets/coco
+  python -m tools.prepare_data flickr30k --captions flickr30k/dataset_flickr30k.json \\
+      --images flickr30k/flickr30k-images --output datasets/flickr
+  python -m tools.prepare_data merge --output datasets/train datasets/coco datasets/flickr
+  python -m tools.prepare_data coco --annotations coco/annotations/captions_val2017.json \\
+      --images coco/val2017 --output datasets/valid --captions-per-image 1
 
 Options of every command:
   --captions-per-image K  an image with n > K captions keeps the captions at indices
@@ -44,32 +44,23 @@ resizing are listed in OUT/unreadable.txt and their captions are left out of cap
 """
 import argparse
 import csv
-import json
 import os
 import random
 import shutil
 import sys
 from multiprocessing import Pool
 from pathlib import Path
-from typing import NamedTuple
 
 from PIL import Image
 from tqdm import tqdm
 
+from dataset import inside
+from engine.errors import run_entry
+from engine.files import atomic_write, remove_stale_partials, temporary_name
+from tools.caption_sources import SPLITS, Item, fail, read_coco, read_flickr30k, read_prepared
+
 JPEG_QUALITY = 90
 MAX_LISTED = 5  # missing images named in the error message
-SPLITS = ["train", "val", "test", "all"]
-
-
-class Item(NamedTuple):
-    name: str  # output file name, relative to OUT/images
-    src: Path  # image to read
-    captions: list  # in source order
-
-
-def fail(message):
-    # SystemExit with a string prints it and exits with status 1: no stack trace for user mistakes
-    raise SystemExit(f"error: {message}")
 
 
 def warn(message):
@@ -79,134 +70,6 @@ def warn(message):
 def clean(caption):
     # COCO captions carry trailing newlines and double spaces
     return " ".join(caption.split()) if isinstance(caption, str) else ""
-
-
-def read_text(path):
-    try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        fail(f"{path} not found")
-    except UnicodeDecodeError:
-        fail(f"{path} is not a UTF-8 text file")
-
-
-def parse_json(path, text):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        fail(f"{path} is not valid JSON ({e})")
-
-
-# ----------------------------------------------------------------------------- readers
-# Each reader returns a list of Item; cleaning, checks and writing are shared (prepare()).
-
-def read_coco(annotations, images_dir):
-    data = parse_json(annotations, read_text(annotations))
-    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
-            and isinstance(data.get("annotations"), list)):
-        fail(f"{annotations} is not a COCO caption file (it needs 'images' and 'annotations' "
-             "lists); pass annotations/captions_<split>2017.json")
-    try:
-        names = {image["id"]: image["file_name"] for image in data["images"]}
-        captions = {i: [] for i in names}  # image id -> captions; prepare() counts empty ones
-        for ann in data["annotations"]:
-            if "caption" not in ann:
-                fail(f"{annotations} has annotations without 'caption' (an instances or keypoints "
-                     "file?); pass annotations/captions_<split>2017.json")
-            if ann["image_id"] not in names:
-                fail(f"{annotations}: annotation {ann.get('id')} refers to image id "
-                     f"{ann['image_id']}, which is not in 'images'")
-            captions[ann["image_id"]].append(ann["caption"])
-    except (KeyError, TypeError):
-        fail(f"{annotations} is not a COCO caption file (images need 'id' and 'file_name', "
-             "annotations 'image_id' and 'caption')")
-    return [Item(names[i], images_dir / names[i], caps) for i, caps in captions.items()]
-
-
-def read_flickr30k(path, images_dir, split):
-    text = read_text(path)
-    if text.lstrip().startswith("{"):
-        return read_karpathy(path, parse_json(path, text), images_dir, split)
-    if split not in (None, "all"):
-        fail(f"--split {split} needs Karpathy's dataset_flickr30k.json, but {path} is a plain "
-             "caption list without splits; leave out --split to use all of it")
-    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if not lines:
-        fail(f"{path} is empty")
-    first = lines[0][1]
-    if "|" in first:
-        parse = parse_results_line
-    elif "\t" in first:
-        parse = parse_token_line
-    else:
-        fail(f"{path} is not a Flickr30k caption file (expected dataset_flickr30k.json, "
-             "results.csv with 'image| number| caption' rows, or a .token file with "
-             "'image#number<TAB>caption' rows)")
-    if first.startswith("image_name"):  # results.csv header
-        lines = lines[1:]
-    captions = {}  # image name -> captions, in file order
-    for number, line in lines:
-        parsed = parse(line)
-        if parsed is None:
-            fail(f"{path} line {number} does not look like the lines before it: {line[:80]!r}")
-        name, caption = parsed
-        captions.setdefault(name, []).append(caption)
-    return [Item(name, images_dir / name, caps) for name, caps in captions.items()]
-
-
-def parse_results_line(line):
-    # "1000092795.jpg| 0| Two young guys ..."; the caption may itself contain '|'
-    name, sep, rest = line.partition("|")
-    if not sep:
-        return None
-    number, sep, caption = rest.partition("|")
-    if not sep:
-        # the Kaggle copy of results.csv has a row that lacks the second '|': "x.jpg| 4 A dog ..."
-        number, _, caption = rest.strip().partition(" ")
-    if not number.strip().isdigit():
-        return None
-    return name.strip(), caption
-
-
-def parse_token_line(line):
-    # "1000092795.jpg#0<TAB>Two young guys ..."
-    key, sep, caption = line.partition("\t")
-    if not sep or "#" not in key:
-        return None
-    return key.rsplit("#", 1)[0].strip(), caption
-
-
-def read_karpathy(path, data, images_dir, split):
-    try:
-        return [Item(entry["filename"], images_dir / entry["filename"],
-                     [sentence["raw"] for sentence in entry["sentences"]])
-                for entry in data["images"] if split in (None, "all") or entry["split"] == split]
-    except (KeyError, TypeError):
-        fail(f"{path} is not Karpathy's dataset_flickr30k.json (each entry of 'images' needs "
-             "'filename', 'split' and 'sentences' with 'raw')")
-
-
-def read_prepared(sources, out):
-    items = []
-    for source in sources:
-        if source.resolve() == out.resolve():
-            fail(f"--out {out} is also a source; merge into a new folder")
-        csv_path = source / "captions.csv"
-        if not csv_path.is_file():
-            fail(f"{csv_path} not found; prepare {source} first with the coco or flickr30k command")
-        captions = {}  # file name -> captions
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            if next(reader, None) != ["filename", "caption"]:
-                fail(f"{csv_path} does not start with the header filename,caption")
-            for row in reader:
-                if len(row) != 2:
-                    fail(f"{csv_path} line {reader.line_num} has {len(row)} fields, not 2")
-                captions.setdefault(row[0], []).append(row[1])
-        prefix = source.resolve().name
-        items += [Item(f"{prefix}_{name}", source / "images" / name, caps)
-                  for name, caps in captions.items()]
-    return items
 
 
 # ----------------------------------------------------------------------------- writing
@@ -224,7 +87,7 @@ def place_image(job):
     dst = Path(dst)
     if dst.exists():  # written as temp + rename, so an existing file is complete
         return None
-    tmp = dst.with_name(f".{dst.name}.tmp")  # a crash leaves only this, redone on the next run
+    tmp = Path(temporary_name(dst))  # a crash leaves only this, redone (and replaced) on the next run
     if size is None:
         tmp.unlink(missing_ok=True)  # os.link will not overwrite a leftover
         try:
@@ -259,13 +122,6 @@ def place_images(jobs, workers):
         return list(tqdm(pool.imap(place_image, jobs, chunksize=32), **bar))
 
 
-def write_atomic(path, write):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def output_name(name, resize):
     # resized images are JPEGs whatever the source format
     if resize and Path(name).suffix.lower() not in (".jpg", ".jpeg"):
@@ -280,6 +136,13 @@ def prepare(items, args):
         warn(f"{empty} images have no caption and are left out")
     # sorted by output name: the same rows in the same order whatever the source order
     items = sorted((item for item in items if item.captions), key=lambda item: item.name)
+
+    unsafe = [item for item in items if inside(str(args.output / "images"), item.name) is None
+              or Path(item.name).is_absolute()]
+    if unsafe:
+        fail(f"{len(unsafe)} image file name(s) are absolute or lead outside the output folder (first: "
+             f"{', '.join(repr(item.name[:80]) for item in unsafe[:MAX_LISTED])}); such names are refused, fix "
+             "the caption file")
 
     seen = {}  # output name -> source
     for item in items:
@@ -305,17 +168,18 @@ def prepare(items, args):
                                                     args.captions_per_image, args.seed))
              for item in items]
 
-    images_dir = args.out / "images"
+    images_dir = args.output / "images"
     for folder in {(images_dir / item.name).parent for item in items}:
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(str(folder))  # what a killed earlier run left half-written
     errors = place_images([(str(item.src), str(images_dir / item.name), args.resize)
                            for item in items], args.workers)
 
     # rewritten on every run: images that failed before are retried, as they have no output
-    report = args.out / "unreadable.txt"
+    report = args.output / "unreadable.txt"
     unreadable = [(item, error) for item, error in zip(items, errors) if error]
     if unreadable:
-        write_atomic(report, lambda f: f.writelines(f"{item.src}\t{error}\n"
+        atomic_write(report, lambda f: f.writelines(f"{item.src}\t{error}\n"
                                                     for item, error in unreadable))
     else:
         report.unlink(missing_ok=True)
@@ -325,10 +189,10 @@ def prepare(items, args):
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["filename", "caption"])
         writer.writerows((item.name, caption) for item in kept for caption in item.captions)
-    write_atomic(args.out / "captions.csv", write_csv)
+    atomic_write(args.output / "captions.csv", write_csv)
 
     n_captions = sum(len(item.captions) for item in kept)
-    summary = f"done: {len(kept)} images, {n_captions} captions in {args.out}"
+    summary = f"done: {len(kept)} images, {n_captions} captions in {args.output}"
     if unreadable:
         summary += f" ({len(unreadable)} unreadable images left out, listed in {report})"
     print(summary)
@@ -346,7 +210,7 @@ def positive_int(text):
 
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", type=Path, required=True,
+    common.add_argument("--output", type=Path, required=True,
                         help="output folder; gets images/ and captions.csv")
     common.add_argument("--captions-per-image", type=positive_int, metavar="K",
                         help="keep at most K captions per image (seeded; see the top of --help)")
@@ -376,8 +240,9 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run(args):
+    if args.output.exists() and not args.output.is_dir():
+        fail(f"--output {args.output} is a file; pass a folder (it gets images/ and captions.csv)")
     if args.command in ("coco", "flickr30k") and not args.images.is_dir():
         fail(f"--images {args.images} is not a folder")
     if args.command == "coco":
@@ -385,9 +250,13 @@ def main(argv=None):
     elif args.command == "flickr30k":
         items = read_flickr30k(args.captions, args.images, args.split)
     else:
-        items = read_prepared(args.sources, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
+        items = read_prepared(args.sources, args.output)
+    args.output.mkdir(parents=True, exist_ok=True)
     return prepare(items, args)
+
+
+def main(argv=None):
+    return run_entry(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

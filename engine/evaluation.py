@@ -1,0 +1,85 @@
+"""Evaluation: encode every image once and every caption once, then compute the retrieval metrics.
+
+train.py's per-epoch validation, eval.py and the inference encoder all go through these functions, so the
+numbers they report cannot drift apart.
+"""
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dataset import (DataError, ImageDataset, PairDataset, collate_decoded, image_transform, make_loader,
+                     normalize, tokenize)
+from engine.metrics import retrieval_metrics
+
+
+@dataclass
+class Encoding:
+    """How to turn images and captions into features: the preprocessing of the run and where to compute."""
+    image_size: int
+    max_length: int
+    batch_size: int
+    num_workers: Any  # a whole number or "auto"
+    device: torch.device
+    amp: Any  # an autocast context, or a null context
+
+
+@torch.no_grad()
+def encode_image_batch(model, images, enc):
+    """uint8 (B, 3, H, W) from image_transform -> (B, D) float32 features on the CPU."""
+    images = normalize(images.to(enc.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+    with enc.amp:
+        return model.encode_image(images).float().cpu()
+
+
+@torch.no_grad()
+def encode_image_files(model, paths, enc, progress=False):
+    """Encode image files, each decoded once, skipping those that fail to decode.
+
+    Returns ((M, D) features, the M kept indices into `paths`, [(index, reason)] for the failures).
+    """
+    data = ImageDataset(paths, image_transform(enc.image_size), min_size=enc.image_size)
+    loader = make_loader(data, enc.batch_size, enc.num_workers, enc.device, collate_fn=collate_decoded)
+    feats, kept, failed = [], [], []
+    for images, idx, bad in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
+        failed += bad
+        if idx:
+            feats.append(encode_image_batch(model, images, enc))
+            kept += idx
+    dim = model.dim
+    return (torch.cat(feats) if feats else torch.empty(0, dim)), kept, failed
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts, enc, progress=False):
+    """(N, D) features of the texts, in order. Batches are formed by length so little time goes on padding."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    feats = torch.empty(len(texts), model.dim)
+    for s in tqdm(range(0, len(texts), enc.batch_size), desc="captions", disable=not progress, leave=False):
+        idx = order[s:s + enc.batch_size]
+        ids, mask = tokenize(tokenizer, [texts[i] for i in idx], enc.max_length)
+        with enc.amp:
+            feats[idx] = model.encode_text(ids.to(enc.device), mask.to(enc.device)).float().cpu()
+    return feats
+
+
+def evaluate(model, tokenizer, root, enc, progress=False):
+    """Full retrieval metrics of `model` on the split at `root` (see engine.metrics.retrieval_metrics).
+
+    Every image must decode: a file that does not is an error naming it, since a skipped image would change the
+    task the numbers describe.
+    """
+    split = PairDataset(root, transform=None)
+    was_training = model.training
+    model.eval()
+    try:
+        paths = [os.path.join(root, "images", n) for n in split.image_files]
+        img, _, failed = encode_image_files(model, paths, enc, progress)
+        if failed:
+            raise DataError(failed[0][1])
+        txt = encode_texts(model, tokenizer, [c for _, c in split.pairs], enc, progress)
+    finally:
+        model.train(was_training)
+    return retrieval_metrics(img.to(enc.device), txt.to(enc.device), torch.tensor(split.image_ids))

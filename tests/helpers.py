@@ -1,0 +1,73 @@
+"""What the tests build for themselves: dataset folders in the real layout, a tiny text model, command lines for
+seconds-long CPU runs, and a tiny trained checkpoint. Every test imports these as `from tests.helpers import ...`;
+fixtures live in conftest.py."""
+import csv
+import os
+import random
+from pathlib import Path
+
+import train
+from tools import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = Path(ROOT)
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
+DEMO_EVAL_CONFIG = os.path.join(ROOT, "configs", "demo-eval.yaml")
+VALID_SCENES = 24  # a small validation split (demo.make_demo would write all 576 scenes)
+
+
+def write_split(root, scenes, captions_per_image, seed=0):
+    """A dataset folder in the real layout, with demo scenes (captions describe the picture)."""
+    return demo.write_split(str(root), scenes, captions_per_image, random.Random(seed))
+
+
+def write_csv(root, rows, header=("filename", "caption")):
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    with open(os.path.join(root, "captions.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def make_tiny_data(base):
+    """train/ (24 images x 2 captions), valid/ (12 images x 1 caption), text/ (a 1-layer RoBERTa)."""
+    scenes = demo.all_scenes()
+    rng = random.Random(0)
+    rows = write_split(base / "train", rng.sample(scenes, 24), 2, seed=1)
+    write_split(base / "valid", rng.sample(scenes, 12), 1, seed=2)
+    demo.write_text_model(str(base / "text"), [c for _, c in rows], hidden=32, layers=1)
+    return base
+
+
+def tiny_train_args(data, out, *extra):
+    """Command-line arguments for a seconds-long CPU training run on `tiny_data`."""
+    return ["--config", DEMO_CONFIG,
+            "--train-root", str(data / "train"), "--valid-root", str(data / "valid"),
+            "--text-model", str(data / "text"), "--demo-data", "false",
+            "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-steps", "2",
+            "--num-workers", "0", "--device", "cpu",
+            "--last-path", str(out / "last.pt"), "--best-path", str(out / "best.pt"), *extra]
+
+
+def tiny_run(base):
+    """{"checkpoint", "images", "text_model", "captions"} of a one-step demo model built under `base`.
+
+    The model is barely trained, which is enough to check that every inference path encodes exactly as
+    evaluation does. Building takes 5-30 s on two CPU cores, so it is made once per test session under pytest's
+    base temporary folder: later calls find the files already there.
+    """
+    base = Path(base) / "tiny"
+    paths = {"checkpoint": base / "ck" / "best.pt", "images": base / "valid" / "images",
+             "text_model": base / "text", "captions": base / "valid" / "captions.csv"}
+    if paths["checkpoint"].is_file():
+        return paths
+    valid = base / "valid"
+    if not (valid / "captions.csv").is_file():  # written before make_demo, which then leaves it alone
+        scenes = random.Random(1).sample(demo.all_scenes(), VALID_SCENES)
+        demo.write_split(str(valid), scenes, 1, random.Random(2))
+    demo.make_demo(str(base / "train"), str(valid), str(base / "text"), train_images=16, captions_per_image=1)
+    train.main(["--config", DEMO_CONFIG, "--train-root", str(base / "train"),
+                "--valid-root", str(valid), "--text-model", str(base / "text"), "--epochs", "1",
+                "--batch-size", "16", "--image-size", "32", "--num-workers", "0",
+                "--last-path", str(base / "ck" / "last.pt"), "--best-path", str(paths["checkpoint"])])
+    return paths

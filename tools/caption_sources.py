@@ -1,0 +1,148 @@
+"""Readers of the caption files the datasets are published with. Each returns a list of `Item`s; cleaning,
+checks and writing are tools.prepare_data's."""
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+from dataset import DataError, read_captions_csv
+from engine.errors import UserError
+
+SPLITS = ["train", "val", "test", "all"]
+
+
+class PrepareError(UserError, ValueError):
+    """A source file or option that cannot be prepared as given."""
+
+
+class Item(NamedTuple):
+    name: str  # output file name, relative to OUT/images
+    src: Path  # image to read
+    captions: list  # in source order
+
+
+def fail(message):
+    raise PrepareError(message)
+
+
+def read_text(path):
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        fail(f"{path} not found")
+    except IsADirectoryError:
+        fail(f"{path} is a folder; pass the caption file")
+    except UnicodeDecodeError:
+        fail(f"{path} is not a UTF-8 text file")
+
+
+def parse_json(path, text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"{path} is not valid JSON ({e})")
+
+
+def read_coco(annotations, images_dir):
+    data = parse_json(annotations, read_text(annotations))
+    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+            and isinstance(data.get("annotations"), list)):
+        fail(f"{annotations} is not a COCO caption file (it needs 'images' and 'annotations' "
+             "lists); pass annotations/captions_<split>2017.json")
+    try:
+        names = {image["id"]: image["file_name"] for image in data["images"]}
+        captions = {i: [] for i in names}  # image id -> captions; prepare() counts empty ones
+        for ann in data["annotations"]:
+            if "caption" not in ann:
+                fail(f"{annotations} has annotations without 'caption' (an instances or keypoints "
+                     "file?); pass annotations/captions_<split>2017.json")
+            if ann["image_id"] not in names:
+                fail(f"{annotations}: annotation {ann.get('id')} refers to image id "
+                     f"{ann['image_id']}, which is not in 'images'")
+            captions[ann["image_id"]].append(ann["caption"])
+    except (KeyError, TypeError):
+        fail(f"{annotations} is not a COCO caption file (images need 'id' and 'file_name', "
+             "annotations 'image_id' and 'caption')")
+    return [Item(names[i], images_dir / names[i], caps) for i, caps in captions.items()]
+
+
+def read_flickr30k(path, images_dir, split):
+    text = read_text(path)
+    if text.lstrip().startswith("{"):
+        return read_karpathy(path, parse_json(path, text), images_dir, split)
+    if split not in (None, "all"):
+        fail(f"--split {split} needs Karpathy's dataset_flickr30k.json, but {path} is a plain "
+             "caption list without splits; leave out --split to use all of it")
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        fail(f"{path} is empty")
+    first = lines[0][1]
+    if "|" in first:
+        parse = parse_results_line
+    elif "\t" in first:
+        parse = parse_token_line
+    else:
+        fail(f"{path} is not a Flickr30k caption file (expected dataset_flickr30k.json, "
+             "results.csv with 'image| number| caption' rows, or a .token file with "
+             "'image#number<TAB>caption' rows)")
+    if first.startswith("image_name"):  # results.csv header
+        lines = lines[1:]
+    captions = {}  # image name -> captions, in file order
+    for number, line in lines:
+        parsed = parse(line)
+        if parsed is None:
+            fail(f"{path} line {number} does not look like the lines before it: {line[:80]!r}")
+        name, caption = parsed
+        captions.setdefault(name, []).append(caption)
+    return [Item(name, images_dir / name, caps) for name, caps in captions.items()]
+
+
+def parse_results_line(line):
+    # "1000092795.jpg| 0| Two young guys ..."; the caption may itself contain '|'
+    name, sep, rest = line.partition("|")
+    if not sep:
+        return None
+    number, sep, caption = rest.partition("|")
+    if not sep:
+        # the Kaggle copy of results.csv has a row that lacks the second '|': "x.jpg| 4 A dog ..."
+        number, _, caption = rest.strip().partition(" ")
+    if not number.strip().isdigit():
+        return None
+    return name.strip(), caption
+
+
+def parse_token_line(line):
+    # "1000092795.jpg#0<TAB>Two young guys ..."
+    key, sep, caption = line.partition("\t")
+    if not sep or "#" not in key:
+        return None
+    return key.rsplit("#", 1)[0].strip(), caption
+
+
+def read_karpathy(path, data, images_dir, split):
+    try:
+        return [Item(entry["filename"], images_dir / entry["filename"],
+                     [sentence["raw"] for sentence in entry["sentences"]])
+                for entry in data["images"] if split in (None, "all") or entry["split"] == split]
+    except (KeyError, TypeError):
+        fail(f"{path} is not Karpathy's dataset_flickr30k.json (each entry of 'images' needs "
+             "'filename', 'split' and 'sentences' with 'raw')")
+
+
+def read_prepared(sources, out):
+    items = []
+    for source in sources:
+        if source.resolve() == out.resolve():
+            fail(f"--output {out} is also a source; merge into a new folder")
+        csv_path = source / "captions.csv"
+        if not csv_path.is_file():
+            fail(f"{csv_path} not found; prepare {source} first with the coco or flickr30k command")
+        try:
+            rows = read_captions_csv(str(csv_path))
+        except DataError as e:
+            fail(str(e))
+        captions = {}  # file name -> captions
+        for _, (name, caption) in rows:
+            captions.setdefault(name, []).append(caption)
+        prefix = source.resolve().name
+        items += [Item(f"{prefix}_{name}", source / "images" / name, caps) for name, caps in captions.items()]
+    return items
