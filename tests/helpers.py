@@ -4,9 +4,15 @@ fixtures live in conftest.py."""
 import csv
 import os
 import random
+import socket
 from pathlib import Path
 
+import torch
+from transformers import AutoModel
+
 import train
+from dataset import tokenize
+from model import RetrievalModel, load_tokenizer
 from tools import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +77,45 @@ def tiny_run(base):
                 "--batch-size", "16", "--image-size", "32", "--num-workers", "0",
                 "--last-path", str(base / "ck" / "last.pt"), "--best-path", str(paths["checkpoint"])])
     return paths
+
+
+# ---------------------------------------------------------------- a tiny model and batch for step tests
+B = 16
+
+
+def tiny_model(text_dir, dropout):
+    text = AutoModel.from_pretrained(str(text_dir), hidden_dropout_prob=dropout,
+                                     attention_probs_dropout_prob=dropout, add_pooling_layer=False)
+    torch.manual_seed(0)
+    model = RetrievalModel(text, "resnet18", pretrained=False, learnable_temperature=True)
+    return model.freeze(batchnorm=True).train()
+
+
+def tiny_batch(text_dir):
+    g = torch.Generator().manual_seed(1)
+    captions = [f"a {s} {c} circle in the {p}" for s in ("small", "big") for c in ("red", "blue")
+                for p in ("top", "left", "bottom", "right")][:B]
+    ids, mask = tokenize(load_tokenizer(str(text_dir)), captions, 32)
+    return {"images": torch.randn(B, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask,
+            "image_ids": torch.tensor([i // 2 for i in range(B)])}  # pairs of captions share an image
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b, tol=1e-5):
+    assert a.keys() == b.keys() and len(a) > 40
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=tol, rtol=1e-4), (n, (a[n] - b[n]).abs().max().item())
+
+
+class NoScaler:
+    def scale(self, loss):
+        return loss
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,55 +1,16 @@
 """Gradient caching, gradient checkpointing and multi-process training give the gradients of the plain step."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from transformers import AutoModel
 
-from dataset import tokenize
 from engine import step as step_module
 from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss
-from model import RetrievalModel, load_tokenizer
-from tests.helpers import ROOT, tiny_train_args
-
-B = 16
-
-
-def tiny_model(text_dir, dropout):
-    text = AutoModel.from_pretrained(str(text_dir), hidden_dropout_prob=dropout,
-                                     attention_probs_dropout_prob=dropout, add_pooling_layer=False)
-    torch.manual_seed(0)
-    model = RetrievalModel(text, "resnet18", pretrained=False, learnable_temperature=True)
-    return model.freeze(batchnorm=True).train()
-
-
-def tiny_batch(text_dir):
-    g = torch.Generator().manual_seed(1)
-    captions = [f"a {s} {c} circle in the {p}" for s in ("small", "big") for c in ("red", "blue")
-                for p in ("top", "left", "bottom", "right")][:B]
-    ids, mask = tokenize(load_tokenizer(str(text_dir)), captions, 32)
-    return {"images": torch.randn(B, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask,
-            "image_ids": torch.tensor([i // 2 for i in range(B)])}  # pairs of captions share an image
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same(a, b, tol=1e-5):
-    assert a.keys() == b.keys() and len(a) > 40
-    for n in a:
-        assert torch.allclose(a[n], b[n], atol=tol, rtol=1e-4), (n, (a[n] - b[n]).abs().max().item())
-
-
-class NoScaler:
-    def scale(self, loss):
-        return loss
-
+from tests.helpers import B, ROOT, NoScaler, assert_same, free_port, grads, tiny_batch, tiny_model, tiny_train_args
 
 def chunked_reference(model, batch, micro):
     """The full-batch loss on features encoded chunk by chunk *with* graphs: same dropout draws as GradCache."""
@@ -112,12 +73,6 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_data):
     model.set_grad_checkpointing(True)
     plain_step(model, ContrastiveLoss(), batch, torch.autocast("cpu", enabled=False), NoScaler())
     assert_same(g_plain, grads(model))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ddp_worker(rank, world_size, port, text_dir, micro, result_path):

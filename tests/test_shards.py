@@ -1,5 +1,4 @@
 """tools/shards.py writes WebDataset shards, engine/shards.py streams them: checked pair by pair on tiny data."""
-import argparse
 import csv
 import json
 import os
@@ -11,12 +10,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-import demo
+from tools import demo
 from dataset import PairCollate, PairDataset, image_transform, make_loader, read_captions
 from engine.shards import ShardError, expand_pattern, shard_loader
 from loss import ContrastiveLoss
 from model import load_tokenizer
-from tools.shards import add_command, write_shards
+from tools import prepare_data
+from tools.shards import write_shards
 
 # (file name, number of captions): PNGs and JPEGs, 1-3 captions each, 15 pairs in all
 IMAGES = [("red.png", 1), ("b/blue.jpg", 3), ("green.jpeg", 2), ("grey.png", 1), ("dark.jpg", 2),
@@ -102,16 +102,13 @@ def test_a_folder_with_shards_is_refused_unless_overwrite(shards, tmp_path):
 
 def test_command_line_writes_shards_and_reports_mistakes_in_one_line(tmp_path):
     make_folder(tmp_path / "data")
-    parser = argparse.ArgumentParser()
-    add_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["shards", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
-                              "--shard-size", "4"])
-    assert args.run(args) == {"shards": 2, "images": 8, "pairs": PAIRS}
+    counts = prepare_data.main(["shards", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+                                "--shard-size", "4"])
+    assert counts == {"shards": 2, "images": 8, "pairs": PAIRS}
     assert sorted(os.listdir(tmp_path / "out")) == ["000000.tar", "000001.tar", "sizes.json"]
-    args = parser.parse_args(["shards", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "x"),
-                              "--shard-size", "0"])
     with pytest.raises(SystemExit) as exit_info:
-        args.run(args)
+        prepare_data.main(["shards", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "x"),
+                           "--shard-size", "0"])
     assert str(exit_info.value) == "error: shard size must be a whole number of images >= 1, got 0"
     assert not (tmp_path / "x").exists()
 

@@ -8,10 +8,9 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from gradcache import cached_step
+from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss, SigmoidLoss, make_loss
-from tests.test_scaling import B, NoScaler, assert_same, free_port, grads, tiny_batch, tiny_model
-from train import plain_step
+from tests.helpers import B, NoScaler, assert_same, free_port, grads, tiny_batch, tiny_model
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 
@@ -150,8 +149,7 @@ def test_gradcache_equals_full_batch_with_bias(tiny_data):
     batch = tiny_batch(tiny_data / "text")
     model = tiny_model(tiny_data / "text", dropout=0.0)
     plain_loss = SigmoidLoss()
-    full = plain_step(model, plain_loss, batch, NO_AMP)
-    full["loss"].backward()
+    full = plain_step(model, plain_loss, batch, NO_AMP, NoScaler())
     g_full = grads(model)
     model.zero_grad()
     cached_loss = SigmoidLoss()
@@ -175,8 +173,7 @@ def model_worker(rank, world_size, port, text_dir, micro, result_path):
     if micro:
         out = cached_step(ddp, loss_fn, local, micro, NO_AMP, NoScaler())
     else:
-        out = plain_step(ddp, loss_fn, local, NO_AMP)
-        out["loss"].backward()
+        out = plain_step(ddp, loss_fn, local, NO_AMP, NoScaler())
     opt.step()  # the bias gradient as it is on this process: no all-reduce
     torch.save((out["loss"].item(), model.state_dict(), loss_fn.state_dict()), f"{result_path}.{rank}")
     torch.distributed.barrier()
@@ -189,8 +186,7 @@ def test_two_processes_update_model_and_bias_as_one(tiny_data, micro, tmp_path):
     model = tiny_model(text_dir, dropout=0.0)
     loss_fn = SigmoidLoss()
     opt = sgd(model, loss_fn)
-    out = plain_step(model, loss_fn, tiny_batch(text_dir), NO_AMP)
-    out["loss"].backward()
+    out = plain_step(model, loss_fn, tiny_batch(text_dir), NO_AMP, NoScaler())
     opt.step()
     assert loss_fn.bias.item() != -10.0
     spawn(model_worker, text_dir, micro, tmp_path / "result")

@@ -57,6 +57,7 @@ from tqdm import tqdm
 from dataset import inside
 from engine.errors import run_entry
 from engine.files import atomic_write, remove_stale_partials, temporary_name
+from tools import shards
 from tools.caption_sources import SPLITS, Item, fail, read_coco, read_flickr30k, read_prepared
 
 JPEG_QUALITY = 90
@@ -237,10 +238,13 @@ def build_parser():
                         help="split to keep; only for dataset_flickr30k.json (default: all)")
     merge = commands.add_parser("merge", parents=[common], help="join prepared folders")
     merge.add_argument("sources", type=Path, nargs="+", help="folders made by this script")
+    shards.add_command(commands)  # python -m tools.prepare_data shards --input ... --output ... --shard-size N
     return parser
 
 
 def run(args):
+    if args.command == "shards":
+        return shards.run(args)
     if args.output.exists() and not args.output.is_dir():
         fail(f"--output {args.output} is a file; pass a folder (it gets images/ and captions.csv)")
     if args.command in ("coco", "flickr30k") and not args.images.is_dir():

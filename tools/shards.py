@@ -17,12 +17,12 @@ A folder that already holds shards is refused unless `--overwrite`; then shards 
 import json
 import os
 import re
-import sys
 
 import webdataset as wds
 from tqdm import tqdm
 
-from dataset import DataError, read_captions
+from dataset import read_captions
+from engine.files import atomic_write
 from engine.shards import SIZES_FILE, ShardError
 
 SHARD_NAME = re.compile(r"^\d{6,}\.tar$")
@@ -44,18 +44,6 @@ def group_by_image(pairs):
     for name, caption in pairs:
         captions.setdefault(name, []).append(caption)  # dicts keep insertion order
     return list(captions.items())
-
-
-def _write_atomic(path, write):
-    """Write through `write(binary file)` to a temporary name beside `path`, then rename."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_shard(f, input_root, images, ids):
@@ -87,12 +75,12 @@ def write_shards(input_root, output_dir, shard_size, overwrite=False, progress=T
     sizes = {}
     for index, chunk in enumerate(tqdm(chunks, desc="shards", unit="shard", disable=not progress)):
         name = shard_name(index)
-        _write_atomic(os.path.join(output_dir, name), lambda f: _write_shard(f, input_root, chunk, ids))
+        atomic_write(os.path.join(output_dir, name), lambda f: _write_shard(f, input_root, chunk, ids), binary=True)
         sizes[name] = sum(len(captions) for _, captions in chunk)
     for stale in set(old) - set(sizes):
         os.remove(os.path.join(output_dir, stale))
-    _write_atomic(os.path.join(output_dir, SIZES_FILE),
-                  lambda f: f.write(json.dumps(sizes, indent=0, sort_keys=True).encode("utf-8")))
+    atomic_write(os.path.join(output_dir, SIZES_FILE),
+                  lambda f: f.write(json.dumps(sizes, indent=0, sort_keys=True).encode("utf-8")), binary=True)
     return {"shards": len(chunks), "images": len(images), "pairs": len(pairs)}
 
 
@@ -110,11 +98,8 @@ def add_command(subparsers):
 
 
 def run(args):
-    """Run the `shards` sub-command from parsed arguments; a user mistake exits with one line."""
-    try:
-        counts = write_shards(args.input, args.output, args.shard_size, overwrite=args.overwrite)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    """Run the `shards` sub-command from parsed arguments (tools.prepare_data turns user errors into one line)."""
+    counts = write_shards(args.input, args.output, args.shard_size, overwrite=args.overwrite)
     print(f"wrote {counts['shards']} shard(s) with {counts['images']} images and {counts['pairs']} pairs "
           f"to {args.output}")
     return counts
