@@ -6,6 +6,7 @@ training, evaluation and inference all go through them. Loaders yield uint8 imag
 """
 import csv
 import functools
+import io
 import math
 import os
 import warnings
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
-from torchvision.io import decode_jpeg, read_file
+from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
 
 from model import IMAGENET_MEAN, IMAGENET_STD
@@ -90,15 +91,16 @@ def load_crop_source(path, image_size):
     (1/2, 1/4, 1/8), which beats a full decode; other formats and non-RGB JPEGs (grayscale, CMYK) come back as
     PIL images through `to_rgb`. The training transform takes both.
     """
-    img = Image.open(path)  # reads the header only
+    with open(path, "rb") as f:
+        data = f.read()  # once, for Pillow's header and for whichever decoder runs
+    img = Image.open(io.BytesIO(data))  # parses the header only
     if img.format != "JPEG":
         return to_rgb(img)
     full = img.size
     side = crop_decode_size(*full, image_size)
     img.draft("RGB", (side, side))
     if img.size == full and img.mode == "RGB":
-        img.close()
-        return decode_jpeg(read_file(str(path)))  # (3, H, W) uint8
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (3, H, W) uint8
     return to_rgb(img)
 
 
