@@ -7,6 +7,7 @@ training, evaluation and inference all go through them. Loaders yield uint8 imag
 import csv
 import functools
 import io
+import math
 import os
 import warnings
 
@@ -14,9 +15,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+from torchvision.io import decode_jpeg
+from torchvision.transforms import v2
 
 from engine.errors import UserError
 from model import IMAGENET_MEAN, IMAGENET_STD
+
+# The training crop (RandomResizedCrop): fraction of the image's area, and width / height of the crop.
+CROP_SCALE = (0.5, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
 class DataError(UserError, ValueError):
@@ -106,6 +113,42 @@ def load_image(path, min_size=None):
     return to_rgb(img)
 
 
+def crop_decode_size(width, height, image_size, scale=CROP_SCALE, ratio=CROP_RATIO):
+    """The short side a `width` x `height` image must keep when decoded at a reduced scale so that the smallest
+    training crop still has `image_size` pixels on its short side, and is never upsampled because of the scale.
+
+    A crop of area A and aspect ratio r has the short side sqrt(A * min(r, 1/r)), smallest at the least area
+    and the most elongated ratio. A crop that does not fit is redrawn, and after ten misses RandomResizedCrop
+    takes a centre crop as tall (or wide) as the image; no crop is shorter than the image's own short side.
+    Decoding scales both sides alike, so the short side must grow by image_size / (smallest crop's short side).
+    """
+    short = min(width, height)
+    smallest_crop = min(short, math.sqrt(scale[0] * width * height * min(ratio[0], 1 / ratio[1])))
+    return math.ceil(image_size * short / smallest_crop)
+
+
+def load_crop_source(path, image_size):
+    """A training image for the random crop to `image_size`: 8-bit RGB at the smallest decoding scale that keeps
+    every crop at full resolution (`crop_decode_size`).
+
+    A JPEG that needs its full size is decoded by torchvision's libjpeg-turbo decoder straight into uint8
+    (3, H, W), faster than Pillow (same pixels); a JPEG that may be reduced goes through Pillow's draft mode
+    (1/2, 1/4, 1/8), which beats a full decode; other formats and non-RGB JPEGs (grayscale, CMYK) come back as
+    PIL images through `to_rgb`. The training transform takes both.
+    """
+    with open(path, "rb") as f:
+        data = f.read()  # once, for Pillow's header and for whichever decoder runs
+    img = Image.open(io.BytesIO(data))  # parses the header only
+    if img.format != "JPEG":
+        return to_rgb(img)
+    full = img.size
+    side = crop_decode_size(*full, image_size)
+    img.draft("RGB", (side, side))
+    if img.size == full and img.mode == "RGB":
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (3, H, W) uint8
+    return to_rgb(img)
+
+
 def to_rgb(img):
     """Any PIL image as 8-bit RGB: transparency over white, 16-bit grayscale scaled down, CMYK converted."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -118,16 +161,24 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def image_transform(image_size, augment=False):
+def image_transform(image_size, augment=False, jitter=True):
     """PIL image -> uint8 (3, H, W). Evaluation: short side to `image_size` then centre crop (aspect ratio kept).
     Training may augment. No horizontal flip: captions say "left" and "right".
+
+    With `jitter=False` the training transform only crops and resizes, and also takes the uint8 tensors of
+    `load_crop_source`; the colour jitter then runs on the batch (`engine.augment.color_jitter`).
 
     The output stays 8-bit on purpose: a quarter of the bytes of float32 go through the loader's shared memory
     and to the GPU. `normalize` makes the model's float input once the batch is on the device.
     """
-    if augment:
-        return T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
+    if augment and jitter:
+        return T.Compose([T.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
                           T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), T.PILToTensor()])
+    if augment:
+        # v2 draws the same crop as T.RandomResizedCrop and resizes uint8 tensors without a float copy;
+        # its PILToTensor leaves tensors as they are
+        return v2.Compose([v2.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
+                           v2.PILToTensor()])
     return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size), T.PILToTensor()])
 
 
@@ -168,7 +219,7 @@ class PairDataset(Dataset):
 
     MAX_SKIPS = 16
 
-    def __init__(self, root, transform, strict=True, min_size=None):
+    def __init__(self, root, transform, strict=True, min_size=None, random_crop=False):
         self.root = root
         self.pairs = read_captions(root)
         self.image_files = sorted({n for n, _ in self.pairs})
@@ -177,6 +228,11 @@ class PairDataset(Dataset):
         self.transform = transform
         self.strict = strict
         self.min_size = min_size
+        # decode for the training crop to `min_size` (load_crop_source): the transform then gets PIL images or
+        # uint8 tensors, which image_transform(..., augment=True, jitter=False) takes
+        self.random_crop = random_crop
+        if random_crop and not min_size:
+            raise ValueError("random_crop needs min_size, the side of the training crop")
 
     def __len__(self):
         return len(self.pairs)
@@ -185,7 +241,8 @@ class PairDataset(Dataset):
         for skipped in range(self.MAX_SKIPS):
             j = (i + skipped) % len(self.pairs)
             name, caption = self.pairs[j]
-            image = open_image(os.path.join(self.root, "images", name), self.strict, self.min_size)
+            image = open_image(os.path.join(self.root, "images", name), self.strict, self.min_size,
+                               self.random_crop)
             if image is not None:
                 return self.transform(image), caption, self.image_ids[j], skipped
         raise DataError(f"{self.MAX_SKIPS} images in a row failed to decode in {self.root}/images/ "
@@ -224,12 +281,15 @@ def collate_decoded(items):
     return images, [i for _, i in good], bad
 
 
-def open_image(path, strict, min_size=None):
+def open_image(path, strict, min_size=None, random_crop=False):
     try:
+        if random_crop:
+            return load_crop_source(path, min_size)  # decoded already
         image = load_image(path, min_size)
         image.load()
         return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
+        # RuntimeError: torchvision's JPEG decoder on a corrupt or truncated file
         if strict:
             raise DataError(f"cannot decode image {path}: {e}; replace or remove it") from None
         return None

@@ -102,11 +102,17 @@ def test_tiny_data_and_train_run(tmp_path):
     rows = {r["item"]: r for r in data["results"]}
     naive = next(r for r in data["results"] if r["section"] == "data" and r.get("is_baseline"))
     assert "float32 out" in naive["item"]
-    real = rows["real PairDataset: draft decode, uint8 out, normalize on device"]
+    real = rows["real PairDataset: crop-scale decode, crop only in worker, uint8 out; jitter + normalize on device"]
     assert real["baseline"] == naive["item"] and real["ratio"] > 0 and real["median"] > 0
+    alone = rows["real PairDataset, loader alone (jitter + normalize left to a GPU)"]
+    assert alone["baseline"] == naive["item"] and alone["median"] > 0
     stages = data["data_stages"]
     assert stages["ms_per_sample"]["collate: stack + shared memory (real, uint8)"] > 0
     assert stages["real_image_ms"] > 0 and stages["ratio_from_stages"] > 0
+    jitter = next(r for r in data["results"] if r["item"].startswith("engine.augment.color_jitter alone"))
+    assert jitter["unit"] == "ms" and jitter["median"] > 0 and "batch 4 at 224 px on cpu" in jitter["item"]
+    assert stages["real_device_ms"] >= stages["ms_per_sample"]["color_jitter on the batch (real, on the device: "
+                                                                "not in a worker)"] > 0
     train = [r for r in data["results"] if r["section"] == "train"]
     assert [r["item"] for r in train] == ["bare fwd+bwd+AdamW (fp32)", "train_one_epoch step (fp32)"]
     assert train[1]["median"] > 0 and train[1]["status"] in ("PASS", "MISS")
