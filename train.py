@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from dataset import DataError, PairCollate, PairDataset, image_transform, make_loader
+from engine.augment import color_jitter
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.config import ConfigError, Schema, at_least, format_config, load_config, one_of, positive
 from engine.epoch import Trainer, train_one_epoch
@@ -104,8 +105,9 @@ def run(argv):
     barrier()
     cfg["text-model"] = stored_text_model(cfg["text-model"])
     tokenizer = load_tokenizer(cfg["text-model"])
-    train_set = PairDataset(cfg["train-root"], image_transform(cfg["image-size"], cfg["use-augment"]),
-                            strict=False, min_size=cfg["image-size"])
+    # workers decode, crop and resize; colour jitter runs on the whole batch on the device (engine.augment)
+    train_set = PairDataset(cfg["train-root"], image_transform(cfg["image-size"], cfg["use-augment"], jitter=False),
+                            strict=False, min_size=cfg["image-size"], random_crop=cfg["use-augment"])
     PairDataset(cfg["valid-root"], transform=None)  # check the validation folder before hours of training
     if len(train_set) < cfg["batch-size"]:
         raise DataError(f"{cfg['train-root']} has {len(train_set)} pairs, fewer than one batch "
@@ -132,7 +134,7 @@ def run(argv):
     loss_fn = ContrastiveLoss(rank, world_size)
     optimizer, scheduler, scaler = build_optimizer(unwrapped, cfg, cfg["epochs"] * len(loader), device)
     trainer = Trainer(model, loss_fn, optimizer, scheduler, scaler, amp, device, cfg["micro-batch-size"],
-                      cfg["grad-clip"])
+                      cfg["grad-clip"], augment=color_jitter if cfg["use-augment"] else None)
     enc = Encoding(cfg["image-size"], max_length, local_batch, cfg["num-workers"], device, amp)
 
     # ---------------------------------------------------------------- resume

@@ -10,7 +10,7 @@ from torchvision import transforms as T
 
 from dataset import (CROP_RATIO, CROP_SCALE, DataError, PairDataset, crop_decode_size, image_transform,
                      load_crop_source, load_image)
-from tests.conftest import write_csv
+from tests.helpers import write_csv
 
 SIZE = 224
 

@@ -54,8 +54,9 @@ def test_eval_script_reproduces_train_time_validation(trained, tiny_data):
 
 
 def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypatch):
+    # augmentation on: the random crops and the batched colour jitter must replay exactly after a resume too
     straight = tmp_path / "straight"
-    train.main(tiny_train_args(tiny_data, straight, "--epochs", "3"))
+    train.main(tiny_train_args(tiny_data, straight, "--epochs", "3", "--use-augment", "true"))
 
     # Same run, killed during the validation of its last epoch (after epoch 1 was saved) ...
     interrupted = tmp_path / "interrupted"
@@ -69,11 +70,12 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypa
 
     monkeypatch.setattr(train, "evaluate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
-        train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3"))
+        train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--use-augment", "true"))
     monkeypatch.setattr(train, "evaluate", real_evaluate)
     assert load_checkpoint(str(interrupted / "last.pt"))["epoch"] == 1
     # ... then resumed: the weights must equal those of the uninterrupted run.
-    train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--load-checkpoint", "true",
+    train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--use-augment", "true",
+                               "--load-checkpoint", "true",
                                "--load-path", str(interrupted / "last.pt")))
     a = load_checkpoint(str(straight / "last.pt"))
     b = load_checkpoint(str(interrupted / "last.pt"))
