@@ -21,7 +21,8 @@ import time
 import torch
 from PIL import Image
 
-from bench.cases import Workspace, bench_data, bench_encode, bench_train
+from bench.cases import bench_data, bench_encode, bench_train
+from bench.workspace import Workspace
 from bench.recall import bench_recall
 from engine.errors import run_entry
 from engine.files import write_json

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.cases import alternate, sync
+from bench.workspace import alternate, sync
 from engine.metrics import KS
 
 
