@@ -7,27 +7,17 @@ training, evaluation and inference all go through them. Loaders yield uint8 imag
 import csv
 import functools
 import io
-import math
 import os
 import warnings
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
-from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
 
-from engine.errors import UserError
+from engine.errors import DataError
+from engine.images import CROP_RATIO, CROP_SCALE, DEFAULT_LIMITS, open_image
 from model import IMAGENET_MEAN, IMAGENET_STD
-
-# The training crop (RandomResizedCrop): fraction of the image's area, and width / height of the crop.
-CROP_SCALE = (0.5, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-
-
-class DataError(UserError, ValueError):
-    """A problem with a dataset folder that the user must fix (missing file, bad CSV)."""
 
 
 def read_captions_csv(path, columns=("filename", "caption")):
@@ -101,66 +91,6 @@ def read_captions(root):
     return pairs
 
 
-def load_image(path, min_size=None):
-    """Open any image file as 8-bit RGB.
-
-    `min_size` lets JPEG decoding run at a reduced scale (1/2, 1/4, 1/8) while the short side stays at least
-    that many pixels: the resize that follows would throw those pixels away anyway.
-    """
-    img = Image.open(path)
-    if min_size and img.format == "JPEG":
-        img.draft("RGB", (min_size, min_size))
-    return to_rgb(img)
-
-
-def crop_decode_size(width, height, image_size, scale=CROP_SCALE, ratio=CROP_RATIO):
-    """The short side a `width` x `height` image must keep when decoded at a reduced scale so that the smallest
-    training crop still has `image_size` pixels on its short side, and is never upsampled because of the scale.
-
-    A crop of area A and aspect ratio r has the short side sqrt(A * min(r, 1/r)), smallest at the least area
-    and the most elongated ratio. A crop that does not fit is redrawn, and after ten misses RandomResizedCrop
-    takes a centre crop as tall (or wide) as the image; no crop is shorter than the image's own short side.
-    Decoding scales both sides alike, so the short side must grow by image_size / (smallest crop's short side).
-    """
-    short = min(width, height)
-    smallest_crop = min(short, math.sqrt(scale[0] * width * height * min(ratio[0], 1 / ratio[1])))
-    return math.ceil(image_size * short / smallest_crop)
-
-
-def load_crop_source(path, image_size):
-    """A training image for the random crop to `image_size`: 8-bit RGB at the smallest decoding scale that keeps
-    every crop at full resolution (`crop_decode_size`).
-
-    A JPEG that needs its full size is decoded by torchvision's libjpeg-turbo decoder straight into uint8
-    (3, H, W), faster than Pillow (same pixels); a JPEG that may be reduced goes through Pillow's draft mode
-    (1/2, 1/4, 1/8), which beats a full decode; other formats and non-RGB JPEGs (grayscale, CMYK) come back as
-    PIL images through `to_rgb`. The training transform takes both.
-    """
-    with open(path, "rb") as f:
-        data = f.read()  # once, for Pillow's header and for whichever decoder runs
-    img = Image.open(io.BytesIO(data))  # parses the header only
-    if img.format != "JPEG":
-        return to_rgb(img)
-    full = img.size
-    side = crop_decode_size(*full, image_size)
-    img.draft("RGB", (side, side))
-    if img.size == full and img.mode == "RGB":
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (3, H, W) uint8
-    return to_rgb(img)
-
-
-def to_rgb(img):
-    """Any PIL image as 8-bit RGB: transparency over white, 16-bit grayscale scaled down, CMYK converted."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img, mask=img.getchannel("A"))
-        return background
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: scale to 8 bits before RGB
-        img = img.point(lambda v: v / 256).convert("L")
-    return img.convert("RGB")
-
-
 def image_transform(image_size, augment=False, jitter=True):
     """PIL image -> uint8 (3, H, W). Evaluation: short side to `image_size` then centre crop (aspect ratio kept).
     Training may augment. No horizontal flip: captions say "left" and "right".
@@ -219,8 +149,9 @@ class PairDataset(Dataset):
 
     MAX_SKIPS = 16
 
-    def __init__(self, root, transform, strict=True, min_size=None, random_crop=False):
+    def __init__(self, root, transform, strict=True, min_size=None, random_crop=False, limits=DEFAULT_LIMITS):
         self.root = root
+        self.limits = limits
         self.pairs = read_captions(root)
         self.image_files = sorted({n for n, _ in self.pairs})
         index = {n: i for i, n in enumerate(self.image_files)}
@@ -242,7 +173,7 @@ class PairDataset(Dataset):
             j = (i + skipped) % len(self.pairs)
             name, caption = self.pairs[j]
             image = open_image(os.path.join(self.root, "images", name), self.strict, self.min_size,
-                               self.random_crop)
+                               self.random_crop, self.limits)
             if image is not None:
                 return self.transform(image), caption, self.image_ids[j], skipped
         raise DataError(f"{self.MAX_SKIPS} images in a row failed to decode in {self.root}/images/ "
@@ -257,17 +188,18 @@ class ImageDataset(Dataset):
     batches such items.
     """
 
-    def __init__(self, paths, transform, min_size=None):
+    def __init__(self, paths, transform, min_size=None, limits=DEFAULT_LIMITS):
         self.paths = paths
         self.transform = transform
         self.min_size = min_size
+        self.limits = limits
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            image = open_image(self.paths[i], strict=True, min_size=self.min_size)
+            image = open_image(self.paths[i], strict=True, min_size=self.min_size, limits=self.limits)
         except DataError as e:
             return None, i, str(e)
         return self.transform(image), i, None
@@ -279,20 +211,6 @@ def collate_decoded(items):
     bad = [(i, why) for t, i, why in items if t is None]
     images = torch.stack([t for t, _ in good]) if good else None  # (B, 3, H, W)
     return images, [i for _, i in good], bad
-
-
-def open_image(path, strict, min_size=None, random_crop=False):
-    try:
-        if random_crop:
-            return load_crop_source(path, min_size)  # decoded already
-        image = load_image(path, min_size)
-        image.load()
-        return image
-    except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
-        # RuntimeError: torchvision's JPEG decoder on a corrupt or truncated file
-        if strict:
-            raise DataError(f"cannot decode image {path}: {e}; replace or remove it") from None
-        return None
 
 
 class PairCollate:

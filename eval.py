@@ -7,10 +7,11 @@ The model is rebuilt from the config stored inside the checkpoint. train.py's pe
 same `engine.evaluation.evaluate`, so the two always agree.
 """
 from engine.checkpoint import load_trained
-from engine.config import Schema, format_config, load_config, one_of, positive
+from engine.config import Schema, at_least, format_config, load_config, one_of, positive
 from engine.errors import run_entry
 from engine.evaluation import Encoding, evaluate
 from engine.files import write_json
+from engine.images import ImageLimits
 from engine.metrics import format_table
 from engine.runtime import amp_context, resolve_device
 
@@ -19,6 +20,9 @@ SCHEMA = Schema({
     "valid-root": ("datasets/valid", (str,), "folder with captions.csv and images/"),
     "batch-size": (128, (int,), "images or captions encoded at once", positive),
     "num-workers": ("auto", (int, str), "image-decoding worker processes, or auto"),
+    "max-image-pixels": (40_000_000, (int,), "largest image accepted, in decoded pixels (bigger: skipped or an error)",
+                         positive),
+    "max-aspect-ratio": (20.0, (float,), "longest side / shortest side accepted for an image", at_least(1)),
     "use-amp": (True, (bool,), "CUDA autocast while encoding (ignored on the CPU)"),
     "amp-dtype": ("float16", (str,), "autocast dtype on CUDA: float16 or bfloat16", one_of("float16", "bfloat16")),
     "device": ("auto", (str,), "auto, cpu or cuda"),
@@ -33,7 +37,8 @@ def run(argv):
     device = resolve_device(cfg["device"])
     model, tokenizer, run_cfg = load_trained(cfg["model-path"], device, cfg["text-model"])
     enc = Encoding(run_cfg["image-size"], run_cfg["max-length"], cfg["batch-size"], cfg["num-workers"], device,
-                   amp_context(device, cfg["use-amp"], cfg["amp-dtype"]))
+                   amp_context(device, cfg["use-amp"], cfg["amp-dtype"]),
+                   ImageLimits(cfg["max-image-pixels"], cfg["max-aspect-ratio"]))
     metrics = evaluate(model, tokenizer, cfg["valid-root"], enc, progress=True)
     print(format_table(metrics))
     write_json(cfg["output"], {**metrics, "checkpoint": cfg["model-path"], "valid_root": cfg["valid-root"]})

@@ -8,7 +8,6 @@
 Reads top to bottom: config, data, model, loss, optimizer, resume, then the epoch loop around
 `engine.epoch.train_one_epoch`, with validation (the same code as eval.py), checkpoints and a JSON-lines log.
 """
-import json
 import os
 
 import torch
@@ -17,11 +16,13 @@ from torch.utils.data import DistributedSampler
 
 from dataset import DataError, PairCollate, PairDataset, image_transform, make_loader
 from engine.augment import color_jitter
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine import rundir
+from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, Schema, at_least, format_config, load_config, one_of, positive
 from engine.epoch import Trainer, train_one_epoch
 from engine.errors import run_entry
 from engine.evaluation import Encoding, evaluate
+from engine.images import ImageLimits
 from engine.metrics import format_table
 from engine.optim import build_optimizer
 from engine.plots import plot_curves
@@ -32,7 +33,8 @@ from model import build_model, load_tokenizer, text_length_limit
 
 SCHEMA = Schema({
     # run length and optimisation
-    "epochs": (200, (int,), "passes over the training pairs", positive),
+    "epochs": (200, (int,), "passes over the training pairs",
+               lambda v: None if v > 0 else "must be at least 1 (with 0 nothing would be trained)"),
     "batch-size": (192, (int,), "global contrastive batch (all processes together)", positive),
     "micro-batch-size": (None, (int, type(None)), "encode in chunks of this many per process (GradCache); null = off",
                          positive),
@@ -55,6 +57,9 @@ SCHEMA = Schema({
     "max-length": (64, (int,), "tokens per caption before truncation", at_least(2)),
     "use-augment": (True, (bool,), "random resized crop + colour jitter"),
     "num-workers": ("auto", (int, str), "data-loading processes per training process, or auto"),
+    "max-image-pixels": (40_000_000, (int,), "largest image accepted, in decoded pixels (bigger: skipped or an error)",
+                         positive),
+    "max-aspect-ratio": (20.0, (float,), "longest side / shortest side accepted for an image", at_least(1)),
     "demo-data": (False, (bool,), "generate the synthetic demo data and text model when absent"),
     # model
     "image-model": ("resnet50", (str,), "torchvision ResNet name"),
@@ -93,6 +98,13 @@ def run(argv):
         raise ConfigError(f"batch-size {cfg['batch-size']} does not divide over {world_size} processes; "
                           f"use a multiple of {world_size}")
     local_batch = cfg["batch-size"] // world_size
+    if rank == 0:
+        note = rundir.prepare(cfg)  # before any data is read: never start over another run's files
+        if note:
+            log(rank, note)
+    barrier()
+    if os.path.abspath(cfg["valid-root"]) == os.path.abspath(cfg["train-root"]):
+        log(rank, "warning: valid-root is train-root, so the validation scores measure training data")
     if cfg["use-amp"] and device.type != "cuda":
         log(rank, "note: use-amp is ignored on the CPU (bf16 autocast is slower than fp32 on AVX2 CPUs)")
     amp = amp_context(device, cfg["use-amp"], cfg["amp-dtype"])
@@ -106,8 +118,9 @@ def run(argv):
     cfg["text-model"] = stored_text_model(cfg["text-model"])
     tokenizer = load_tokenizer(cfg["text-model"])
     # workers decode, crop and resize; colour jitter runs on the whole batch on the device (engine.augment)
+    limits = ImageLimits(cfg["max-image-pixels"], cfg["max-aspect-ratio"])
     train_set = PairDataset(cfg["train-root"], image_transform(cfg["image-size"], cfg["use-augment"], jitter=False),
-                            strict=False, min_size=cfg["image-size"], random_crop=cfg["use-augment"])
+                            strict=False, min_size=cfg["image-size"], random_crop=cfg["use-augment"], limits=limits)
     PairDataset(cfg["valid-root"], transform=None)  # check the validation folder before hours of training
     if len(train_set) < cfg["batch-size"]:
         raise DataError(f"{cfg['train-root']} has {len(train_set)} pairs, fewer than one batch "
@@ -135,10 +148,10 @@ def run(argv):
     optimizer, scheduler, scaler = build_optimizer(unwrapped, cfg, cfg["epochs"] * len(loader), device)
     trainer = Trainer(model, loss_fn, optimizer, scheduler, scaler, amp, device, cfg["micro-batch-size"],
                       cfg["grad-clip"], augment=color_jitter if cfg["use-augment"] else None)
-    enc = Encoding(cfg["image-size"], max_length, local_batch, cfg["num-workers"], device, amp)
+    enc = Encoding(cfg["image-size"], max_length, local_batch, cfg["num-workers"], device, amp, limits)
 
     # ---------------------------------------------------------------- resume
-    start_epoch, best = 0, -1.0
+    start_epoch, best, best_epoch = 0, -1.0, None
     if cfg["load-checkpoint"]:
         ckpt = load_checkpoint(cfg["load-path"], map_location=device)
         unwrapped.load_state_dict(ckpt["model"])
@@ -146,11 +159,13 @@ def run(argv):
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_rsum"]
+        start_epoch, best, best_epoch = ckpt["epoch"] + 1, ckpt["best_rsum"], ckpt.get("best_epoch")
+        if rank == 0:
+            for note in rundir.repair(cfg, ckpt):
+                log(rank, f"note: {note}")
         log(rank, f"resumed from {cfg['load-path']} at epoch {start_epoch}")
 
     # ---------------------------------------------------------------- epoch loop
-    log_path = os.path.join(os.path.dirname(os.path.abspath(cfg["last-path"])), "metrics.jsonl")
     history = None
     for epoch in range(start_epoch, cfg["epochs"]):
         if sampler is not None:
@@ -164,24 +179,22 @@ def run(argv):
         if rank == 0:
             print(format_table(metrics), flush=True)
             improved = metrics["rsum"] > best
-            best = max(best, metrics["rsum"])
+            if improved:
+                best, best_epoch = metrics["rsum"], epoch
+            history = {"epoch": epoch, "train": stats, "valid": metrics, "best": improved}
             state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "step": (epoch + 1) * len(loader), "best_rsum": best, "rng": rngs, "config": cfg,
-                     "metrics": metrics}
-            save_checkpoint(cfg["last-path"], **state)
-            if improved:
-                save_checkpoint(cfg["best-path"], **state)
-            history = {"epoch": epoch, "train": stats, "valid": metrics, "best": improved}
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(history) + "\n")
+                     "step": (epoch + 1) * len(loader), "best_rsum": best, "best_epoch": best_epoch, "rng": rngs,
+                     "config": cfg, "metrics": metrics, "log_line": history}
+            rundir.save_epoch(cfg, state, improved)
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, rsum {metrics['rsum']:.4f}"
                   f"{' (best)' if improved else ''}, {stats['samples_per_s']:.1f} samples/s, "
                   f"{stats['data_wait_share']:.0%} of the time waiting for data", flush=True)
         barrier()
-    if rank == 0 and os.path.isfile(log_path):
-        plot = plot_curves(log_path, os.path.join(os.path.dirname(log_path), "curves.png"))
-        print(f"log: {log_path}; curves: {plot}")
+    log_file = rundir.log_path(cfg)
+    if rank == 0 and os.path.isfile(log_file):
+        plot = plot_curves(log_file, os.path.join(os.path.dirname(log_file), "curves.png"))
+        print(f"log: {log_file}; curves: {plot}")
     return history
 
 

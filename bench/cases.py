@@ -110,7 +110,8 @@ def data_stages(ws, size, tokenizer, max_length, batch_size, count=16):
     to uint8 and stops. The colour jitter and `normalize` of the real path run on the device, outside the
     workers, and are listed apart."""
     from torchvision import transforms as T
-    from dataset import image_transform, load_crop_source, normalize, open_image, tokenize
+    from dataset import image_transform, normalize, tokenize
+    from engine.images import load_crop_source, open_image
     from engine.augment import color_jitter
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # DataLoader workers run with one thread

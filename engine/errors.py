@@ -14,6 +14,10 @@ class UserError(Exception):
     """A mistake the user can fix; the message is one sentence that says how."""
 
 
+class DataError(UserError, ValueError):
+    """A problem with data the user must fix: a missing file, a bad CSV, an image that cannot be decoded."""
+
+
 # model.py imports only torch, torchvision and transformers, so its error type cannot derive from UserError.
 USER_ERRORS = (UserError, ModelError)
 

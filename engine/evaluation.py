@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from dataset import (DataError, ImageDataset, PairDataset, collate_decoded, image_transform, make_loader,
                      normalize, tokenize)
+from engine.images import DEFAULT_LIMITS, ImageLimits
 from engine.metrics import retrieval_metrics
 
 
@@ -24,6 +25,7 @@ class Encoding:
     num_workers: Any  # a whole number or "auto"
     device: torch.device
     amp: Any  # an autocast context, or a null context
+    limits: ImageLimits = DEFAULT_LIMITS  # the most work one image file may cause
 
 
 @torch.no_grad()
@@ -40,7 +42,7 @@ def encode_image_files(model, paths, enc, progress=False):
 
     Returns ((M, D) features, the M kept indices into `paths`, [(index, reason)] for the failures).
     """
-    data = ImageDataset(paths, image_transform(enc.image_size), min_size=enc.image_size)
+    data = ImageDataset(paths, image_transform(enc.image_size), min_size=enc.image_size, limits=enc.limits)
     loader = make_loader(data, enc.batch_size, enc.num_workers, enc.device, collate_fn=collate_decoded)
     feats, kept, failed = [], [], []
     for images, idx, bad in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):

@@ -7,7 +7,13 @@ id, so a later run can find and remove what a killed run left (`remove_stale_par
 import json
 import os
 
+from engine.errors import UserError
+
 PARTIAL = ".partial"
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written (disk full, no permission); the previous version is untouched."""
 
 
 def temporary_name(path):
@@ -18,7 +24,10 @@ def temporary_name(path):
 def atomic_write(path, write, binary=False):
     """Call `write(f)` on a temporary file beside `path`, then rename it to `path`. Returns `path`."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"could not create the folder {folder} for {path} ({e.strerror or e})") from None
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
@@ -26,6 +35,9 @@ def atomic_write(path, write, binary=False):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"could not write {path} ({e.strerror or e}); free disk space or choose another folder "
+                         f"(the previous version of the file is untouched)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

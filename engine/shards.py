@@ -45,7 +45,9 @@ from urllib.parse import urlparse
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dataset import DataError, open_image, resolve_workers
+from dataset import resolve_workers
+from engine.errors import DataError
+from engine.images import open_image
 
 SIZES_FILE = "sizes.json"  # {shard file name: pairs}, written beside the shards
 MAX_BAD_IN_A_ROW = 64  # consecutive undecodable images before a worker gives up instead of spinning

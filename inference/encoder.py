@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from dataset import image_transform, open_image, to_rgb
+from dataset import image_transform
+from engine.images import DEFAULT_LIMITS, check_size, open_image, to_rgb
 from engine.checkpoint import load_trained
 from engine.errors import UserError
 from engine.evaluation import Encoding, encode_image_batch, encode_image_files, encode_texts
@@ -52,7 +53,7 @@ class Encoder:
     """A checkpoint's model and tokenizer in eval mode, with the preprocessing it was trained with."""
 
     def __init__(self, model_path, device="auto", text_model=None, batch_size=64, num_workers=0, use_amp=True,
-                 amp_dtype="float16"):
+                 amp_dtype="float16", limits=DEFAULT_LIMITS):
         self.device = resolve_device(device)
         self.model, self.tokenizer, self.run_cfg = load_trained(model_path, self.device, text_model)
         self.model_path = model_path
@@ -60,7 +61,7 @@ class Encoder:
         self.max_length = self.run_cfg["max-length"]
         self.transform = image_transform(self.image_size)  # the eval transform: resize, centre crop, to uint8
         self.enc = Encoding(self.image_size, self.max_length, batch_size, num_workers, self.device,
-                            amp_context(self.device, use_amp, amp_dtype))
+                            amp_context(self.device, use_amp, amp_dtype), limits)
         self._identity = None
 
     @property
@@ -80,7 +81,7 @@ class Encoder:
     # ------------------------------------------------------------------ images
     def open_image(self, path_or_file):
         """Decode a file (path or binary file object) as RGB, the way the data loaders do; DataError if it can't."""
-        return open_image(path_or_file, strict=True, min_size=self.image_size)
+        return open_image(path_or_file, strict=True, min_size=self.image_size, limits=self.enc.limits)
 
     @torch.no_grad()
     def encode_images(self, images):
@@ -97,6 +98,7 @@ class Encoder:
     def _as_rgb(self, image):
         if isinstance(image, (str, os.PathLike)):
             return self.open_image(image)
+        check_size(*image.size, self.enc.limits, "in memory")
         return to_rgb(image)  # the conversion training uses (alpha over white, 16-bit scaled, CMYK)
 
     def encode_image_files(self, paths, progress=False):

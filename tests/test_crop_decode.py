@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from dataset import (CROP_RATIO, CROP_SCALE, DataError, PairDataset, crop_decode_size, image_transform,
-                     load_crop_source, load_image)
+from dataset import PairDataset, image_transform
+from engine.errors import DataError
+from engine.images import CROP_RATIO, CROP_SCALE, crop_decode_size, load_crop_source, load_image
 from tests.helpers import write_csv
 
 SIZE = 224

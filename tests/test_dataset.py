@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from dataset import DataError, PairCollate, PairDataset, image_transform, load_image, normalize, read_captions
+from dataset import DataError, PairCollate, PairDataset, image_transform, normalize, read_captions
+from engine.images import load_image
 from model import IMAGENET_MEAN, IMAGENET_STD, load_tokenizer
 from tests.helpers import write_csv
 
