@@ -121,6 +121,21 @@ def read_meta(folder):
     missing = sorted(REQUIRED_KEYS - meta.keys())
     if missing:
         raise SearchError(f"{path} lacks {', '.join(missing)}; rebuild the index with --rebuild")
+    files = meta["files"]
+    n = len(files) if isinstance(files, list) else -1
+    well_typed = (isinstance(meta["root"], str) and isinstance(meta["embeddings"], str)
+                  and isinstance(meta["dim"], int) and n >= 0 and all(isinstance(f, str) for f in files)
+                  and all(isinstance(meta[k], list) and len(meta[k]) == n and all(isinstance(v, int) for v in meta[k])
+                          for k in ("sizes", "mtimes"))
+                  and isinstance(meta["checkpoint"], dict)
+                  and all(isinstance(meta["checkpoint"].get(k), str) for k in ("path", "sha256")))
+    if not well_typed:
+        raise SearchError(f"{path} has fields of the wrong type; rebuild the index with --rebuild")
+    # Lexical containment for every name (cheap); links are resolved when a file is served (ImageIndex.path).
+    outside = [f for f in files if not f or f.startswith("/") or "\\" in f or ".." in f.split("/")]
+    if outside:
+        raise SearchError(f"{path} names a file outside its root ('{outside[0][:80]}'); rebuild the index with "
+                          f"--rebuild")
     return meta
 
 

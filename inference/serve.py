@@ -27,6 +27,7 @@ from starlette.datastructures import Headers
 
 from engine.errors import DataError
 from engine.errors import run_entry
+from engine.images import ImageLimits, ImageTooLarge, check_size
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
 from inference.index import ImageIndex, SearchError
 
@@ -42,10 +43,10 @@ class Service:
     """What the routes share: the encoder, the index, the limits, and one lock so one model call runs at a time
     (the CPU threads are shared anyway). Stored on `app.state.service`."""
 
-    def __init__(self, encoder, index, max_upload_mb, max_pixels, max_k):
+    def __init__(self, encoder, index, max_upload_mb, max_k):
         self.encoder, self.index = encoder, index
         self.max_upload_mb, self.max_upload = max_upload_mb, int(max_upload_mb * 1024 * 1024)
-        self.max_pixels, self.max_k = max_pixels, max_k
+        self.max_k = max_k
         self.lock = threading.Lock()
         # a label set that comes again is not encoded again
         self.label_embeddings = lru_cache(maxsize=32)(self._label_embeddings)
@@ -65,14 +66,15 @@ class Service:
             with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as probe:
                 width, height = probe.size
         except Image.DecompressionBombError:
-            raise HTTPException(413, f"image has too many pixels (limit {self.max_pixels / 1e6:g} MP)") from None
+            raise HTTPException(413, "image has too many pixels for this server") from None
         except UnidentifiedImageError:
             raise HTTPException(415, f"not an image this server reads ({', '.join(UPLOAD_FORMATS)})") from None
         except (OSError, SyntaxError, ValueError):
             raise HTTPException(400, "the image header cannot be read; the file is corrupt") from None
-        if width * height > self.max_pixels:  # checked on the header, before any pixel is decoded
-            raise HTTPException(413, f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over the "
-                                     f"{self.max_pixels / 1e6:g} MP limit")
+        try:  # the header's size against the limits, before any pixel is decoded
+            check_size(width, height, self.encoder.enc.limits, "upload")
+        except ImageTooLarge as e:
+            raise HTTPException(413, str(e)) from None
         try:
             return self.encoder.open_image(io.BytesIO(data))
         except DataError:
@@ -163,19 +165,20 @@ def page():
 
 
 def create_app(model_path, index_dir, max_upload_mb=10.0, max_pixels=40_000_000, max_k=100, device="auto",
-               use_faiss=False, text_model=None):
+               use_faiss=False, text_model=None, max_aspect_ratio=20.0):
     """The FastAPI app: loads the model and the index once; requests share them through `app.state.service`.
 
     `model_path` None means the checkpoint recorded in the index.
     """
     index = ImageIndex.load(index_dir)
-    encoder = Encoder(model_path or index.model_path(), device, text_model)
+    encoder = Encoder(model_path or index.model_path(), device, text_model,
+                      limits=ImageLimits(max_pixels, max_aspect_ratio))
     index.check_encoder(encoder)
     if use_faiss:
         index.use_faiss()
     app = FastAPI(title="Image-text retrieval",
                   description="Search an image index by text or by image, and classify images zero-shot.")
-    app.state.service = Service(encoder, index, max_upload_mb, max_pixels, max_k)
+    app.state.service = Service(encoder, index, max_upload_mb, max_k)
     app.add_middleware(BodyLimit, max_bytes=app.state.service.max_upload + FORM_OVERHEAD, limit_mb=max_upload_mb)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
@@ -223,6 +226,7 @@ def parse_args(argv):
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MB")
     p.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image, in megapixels")
+    p.add_argument("--max-aspect-ratio", type=float, default=20.0, help="largest long side / short side accepted")
     p.add_argument("--max-k", type=int, default=100, help="most results one request may ask for")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--faiss", action="store_true", help="search with FAISS (pip install faiss-cpu)")
@@ -230,10 +234,10 @@ def parse_args(argv):
 
 
 def run(a):
-    if a.max_upload_mb <= 0 or a.max_megapixels <= 0 or a.max_k < 1:
-        raise SearchError("--max-upload-mb, --max-megapixels and --max-k must be positive")
+    if a.max_upload_mb <= 0 or a.max_megapixels <= 0 or a.max_k < 1 or a.max_aspect_ratio < 1:
+        raise SearchError("--max-upload-mb, --max-megapixels and --max-k must be positive, --max-aspect-ratio >= 1")
     app = create_app(a.model_path, a.index, a.max_upload_mb, int(a.max_megapixels * 1e6), a.max_k, a.device,
-                     a.faiss, a.text_model)
+                     a.faiss, a.text_model, a.max_aspect_ratio)
     import uvicorn  # only needed to listen; tests drive the app directly
 
     if a.host not in ("127.0.0.1", "localhost", "::1"):
