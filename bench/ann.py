@@ -1,6 +1,6 @@
 """Approximate vs exact image search: build time, index size, queries/s and recall@10 for each FAISS index type.
 
-    python -m bench.ann                                   # 1M x 512 rows; about 20 min on 2 CPU cores
+    python -m bench.ann                                   # 1M x 512 rows; 15 min on 2 busy CPU cores
     python -m bench.ann --n 100000 --nprobe 4,8,16 --ef-search 16,32,64 --out bench-ann-100k.json
     PYTHONPATH=. python bench/ann.py --n 20000            # the same while bench/ is not a package yet
 

@@ -28,7 +28,7 @@ import numpy as np
 
 KINDS = ("flat", "ivf", "hnsw")
 MIN_ROWS_PER_LIST = 39  # FAISS's own floor for k-means training rows per centroid
-TRAIN_ROWS_PER_LIST = 64  # ivf trains on up to this many sampled rows per list: enough for stable centroids
+TRAIN_ROWS_PER_LIST = 64  # ivf training rows per list (FAISS takes 39..256); 1M rows: ~4 min on 2 cores
 CHUNK_ROWS = 65536  # rows converted to float32 at a time while adding: 128 MB at D = 512
 
 
@@ -89,7 +89,8 @@ def build(embeddings, kind, *, nlist=None, train_rows=None, m=32, ef_constructio
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
         if m < 2 or ef_construction < 1:
-            raise AnnError(f"hnsw needs m >= 2 and ef_construction >= 1, got m={m}, ef_construction={ef_construction}")
+            raise AnnError(f"hnsw needs m >= 2 and ef_construction >= 1, "
+                           f"got m={m}, ef_construction={ef_construction}")
         index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
     else:
@@ -201,6 +202,9 @@ def save(index, path):
     try:
         faiss.write_index(index, tmp)
         os.replace(tmp, path)
+    except (RuntimeError, OSError) as e:  # a full disk, no permission, `path` being a folder
+        raise AnnError(f"cannot write the index to '{path}' ({str(e).splitlines()[0]}); "
+                       f"choose another path or free some space") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -167,6 +167,8 @@ def test_user_errors_are_one_line(data, tmp_path, monkeypatch):
     bad[42, 3] = np.nan
     one_line_error(lambda: ann.build(bad, "flat"), "row 42")
     one_line_error(lambda: ann.load(str(tmp_path / "none.faiss")), "no ANN index")
+    one_line_error(lambda: ann.save(flat, str(tmp_path / "no" / "x.faiss")), "does not exist")
+    one_line_error(lambda: ann.save(flat, str(tmp_path)), "cannot write the index")  # a folder is in the way
     (tmp_path / "junk.faiss").write_bytes(b"not an index")
     one_line_error(lambda: ann.load(str(tmp_path / "junk.faiss")), "not a readable FAISS index")
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed
