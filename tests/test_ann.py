@@ -74,6 +74,16 @@ def test_ivf_probing_every_list_is_exact(data):
     assert recall_at_10(few, exact) < 0.6  # nprobe really is per call: one list (measured 0.42) misses many
 
 
+@pytest.mark.parametrize("kind, build_args, explicit", [("ivf", {}, {"nprobe": 64}),
+                                                        ("hnsw", {"m": 16}, {"ef_search": 128})])
+def test_searches_without_parameters_use_the_stored_defaults(data, kind, build_args, explicit):
+    rows, queries, _ = data
+    index = ann.build(rows, kind, **build_args)
+    assert ann.describe(index)[next(iter(explicit))] == next(iter(explicit.values()))
+    for default, given in zip(ann.search(index, queries, 10), ann.search(index, queries, 10, **explicit)):
+        np.testing.assert_array_equal(default, given)
+
+
 def test_hnsw_with_a_wide_search_is_exact_here(data):
     rows, queries, exact = data
     _, ids = ann.search(ann.build(rows, "hnsw", m=16), queries, 10, ef_search=N)
@@ -99,7 +109,7 @@ def test_save_load_round_trip(data, tmp_path, kind):
     path = tmp_path / f"{kind}.faiss"
     ann.save(index, str(path))
     loaded = ann.load(str(path))
-    assert ann.describe(loaded) == ann.describe(index)
+    assert ann.describe(loaded) == ann.describe(index)  # search defaults included
     for before, after in zip(ann.search(index, queries, 10, **args), ann.search(loaded, queries, 10, **args)):
         np.testing.assert_array_equal(before, after)
     assert os.listdir(tmp_path) == [f"{kind}.faiss"]  # no temporary file left behind
