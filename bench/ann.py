@@ -22,7 +22,6 @@ in one call with the same thread count (--threads). A search is timed once; if t
 twice more and the median is reported.
 """
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -33,19 +32,10 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from inference import ann
 OFF_SUBSPACE_NOISE = 0.25  # isotropic noise std per dimension, relative to the clustered part's: ~6% of energy
 GENERATE_ROWS = 65536  # rows generated at a time: (65536, 512) float32 is 128 MB
 RECALL_TARGET, SPEEDUP_TARGET = 0.95, 10.0
-
-
-def load_ann():
-    # By file path while the root still has an inference.py module; `from inference import ann` once
-    # inference/ is a package.
-    spec = importlib.util.spec_from_file_location("inference_ann", os.path.join(ROOT, "inference", "ann.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def clustered_unit_vectors(path, n, n_queries, dim, clusters, intrinsic_dim, spread, seed):
@@ -186,7 +176,6 @@ def write_json(path, result):
 
 def main(argv=None):
     a = parse_args(argv)
-    ann = load_ann()
     import faiss  # ann has already turned a missing package into its one-line error
     faiss.omp_set_num_threads(a.threads)
     load_before = os.getloadavg()

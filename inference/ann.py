@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from engine.errors import UserError
+
 KINDS = ("flat", "ivf", "hnsw")
 MIN_ROWS_PER_LIST = 39  # FAISS's own floor for k-means training rows per centroid
 TRAIN_ROWS_PER_LIST = 64  # ivf training rows per list (FAISS takes 39..256); 1M rows: ~4 min on 2 cores
@@ -36,7 +38,7 @@ DEFAULT_NPROBE = 64  # capped at nlist
 DEFAULT_EF_SEARCH = 128
 
 
-class AnnError(ValueError):
+class AnnError(UserError, ValueError):
     """A problem with an ANN index, its input or its parameters that the user can fix."""
 
 

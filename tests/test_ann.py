@@ -1,26 +1,12 @@
 """inference/ann.py on small clustered data the tests generate: exactness, recall, persistence, updates, errors."""
-import importlib.util
 import os
 import sys
 
 import numpy as np
 import pytest
 
-pytest.importorskip("faiss")
+from inference import ann
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_ann():
-    # Loaded by file path while the flat layout still has an inference.py module at the root;
-    # becomes `from inference import ann` once inference/ is a package.
-    spec = importlib.util.spec_from_file_location("inference_ann", os.path.join(ROOT, "inference", "ann.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ann = load_ann()
 N, DIM, CLUSTERS = 3000, 32, 30
 
 
