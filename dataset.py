@@ -8,6 +8,7 @@ import csv
 import functools
 import io
 import os
+import random
 import warnings
 
 import torch
@@ -139,6 +140,22 @@ def tokenize(tokenizer, texts, max_length):
     return batch["input_ids"], batch["attention_mask"]  # (B, T), (B, T)
 
 
+def choose_captions(name, captions, k, seed):
+    """At most `k` of an image's captions, chosen by a seeded RNG of its own (so an image's choice does not depend
+    on which other images are in the set) and kept in their original order. prepare_data's
+    --captions-per-image and the one-caption-per-image protocol of evaluation both use this rule."""
+    if k is None or len(captions) <= k:
+        return captions
+    rng = random.Random(f"{seed}:{name}")  # str seeds are hashed with SHA-512: same on every run
+    return [captions[i] for i in sorted(rng.sample(range(len(captions)), k))]
+
+
+def hold_out(image_files, count, seed):
+    """`count` of the image files, drawn by a seeded RNG: a selection split that training never sees (all the
+    captions of a held-out image go with it). Sorted, so the choice does not depend on the files' order."""
+    return sorted(random.Random(f"select:{seed}").sample(sorted(image_files), count))
+
+
 class PairDataset(Dataset):
     """One item per caption row: (uint8 image tensor, caption, image id, skipped). Same image file -> same id.
 
@@ -149,10 +166,17 @@ class PairDataset(Dataset):
 
     MAX_SKIPS = 16
 
-    def __init__(self, root, transform, strict=True, min_size=None, random_crop=False, limits=DEFAULT_LIMITS):
+    def __init__(self, root, transform, strict=True, min_size=None, random_crop=False, limits=DEFAULT_LIMITS,
+                 only=None, exclude=(), pairs=None):
         self.root = root
         self.limits = limits
-        self.pairs = read_captions(root)
+        self.pairs = read_captions(root) if pairs is None else pairs  # `pairs`: read_captions(root), already read
+        if only is not None:  # a subset of the images (with all their captions): e.g. a held-out split
+            only = set(only)
+            self.pairs = [(n, c) for n, c in self.pairs if n in only]
+        if exclude:
+            exclude = set(exclude)
+            self.pairs = [(n, c) for n, c in self.pairs if n not in exclude]
         self.image_files = sorted({n for n, _ in self.pairs})
         index = {n: i for i, n in enumerate(self.image_files)}
         self.image_ids = [index[n] for n, _ in self.pairs]

@@ -14,7 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from dataset import DataError, PairCollate, PairDataset, image_transform, make_loader
+from dataset import DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, read_captions
 from engine.augment import color_jitter
 from engine import rundir
 from engine.checkpoint import load_checkpoint
@@ -22,13 +22,15 @@ from engine.config import ConfigError, Schema, at_least, format_config, load_con
 from engine.epoch import Trainer, train_one_epoch
 from engine.errors import run_entry
 from engine.evaluation import Encoding, evaluate
+from engine.files import write_json
 from engine.images import ImageLimits
 from engine.metrics import format_table
 from engine.optim import build_optimizer
 from engine.plots import plot_curves
-from engine.runtime import (amp_context, barrier, cleanup_distributed, gather_rng_states, init_distributed,
-                            seed_everything, set_rng_state)
-from loss import ContrastiveLoss
+from engine.runtime import (amp_context, barrier, broadcast_flag, cleanup_distributed, gather_rng_states,
+                            init_distributed, seed_everything, set_rng_state)
+from engine.shards import count_pairs, expand_pattern, shard_loader
+from loss import make_loss
 from model import build_model, load_tokenizer, text_length_limit
 
 SCHEMA = Schema({
@@ -42,6 +44,10 @@ SCHEMA = Schema({
     "weight-decay": (0.05, (float,), "AdamW decay, not applied to biases, norms or the temperature", at_least(0)),
     "warmup-steps": (1000, (int,), "linear warmup steps before the cosine decay", at_least(0)),
     "grad-clip": (1.0, (float, type(None)), "max global gradient norm; null = no clipping", positive),
+    "projection-learning-rate": (None, (float, type(None)), "rate of the image projection, temperature and loss "
+                                 "bias, which start random or scalar; null = learning-rate", positive),
+    "loss": ("infonce", (str,), "infonce (softmax over the batch) or sigmoid (SigLIP's pairwise loss)",
+             one_of("infonce", "sigmoid")),
     "temperature": (0.07, (float,), "softmax temperature (initial value when learnable)", positive),
     "learnable-temperature": (False, (bool,), "learn the temperature (scale capped at 100)"),
     "use-amp": (True, (bool,), "CUDA mixed precision (ignored on the CPU)"),
@@ -52,7 +58,18 @@ SCHEMA = Schema({
     "freeze-bn": (False, (bool,), "keep BatchNorm statistics and affine weights fixed"),
     # data
     "train-root": ("datasets/train", (str,), "training folder: captions.csv + images/"),
-    "valid-root": ("datasets/valid", (str,), "validation folder, scored every epoch"),
+    "train-shards": (None, (str, type(None)), "WebDataset shards to stream instead of train-root, e.g. "
+                     "shards/{000000..000149}.tar or pipe:..."),
+    "samples-per-epoch": (None, (int, type(None)), "pairs per epoch from shards (all processes); null = "
+                          "the count in the shards' sizes.json", positive),
+    "select-root": (None, (str, type(None)), "folder scored after every epoch to choose best.pt; null = hold "
+                    "out select-images images of train-root"),
+    "select-images": (1000, (int,), "images held out of train-root for selection when select-root is null",
+                      positive),
+    "patience": (None, (int, type(None)), "stop after this many epochs without a better selection rsum; "
+                 "null = never", positive),
+    "valid-root": ("datasets/valid", (str,), "report folder: scored with best.pt when training ends"),
+    "report-every-epoch": (False, (bool,), "also score valid-root every epoch (logged, never used to choose)"),
     "image-size": (224, (int,), "square input side in pixels", at_least(32)),
     "max-length": (64, (int,), "tokens per caption before truncation", at_least(2)),
     "use-augment": (True, (bool,), "random resized crop + colour jitter"),
@@ -89,6 +106,20 @@ def stored_text_model(name):
     return os.path.abspath(name) if os.path.isdir(name) else name
 
 
+def selection_split(cfg, pairs, ckpt):
+    """(root, image files or None) scored every epoch to choose best.pt. With no select-root, a seeded hold-out
+    of train-root that training never sees; a resumed run keeps the split stored in its checkpoint."""
+    if cfg["select-root"] is not None:
+        return cfg["select-root"], None
+    if ckpt is not None and ckpt.get("select_files") is not None:
+        return cfg["train-root"], ckpt["select_files"]
+    names = sorted({n for n, _ in pairs})
+    if cfg["select-images"] >= len(names):
+        raise ConfigError(f"select-images {cfg['select-images']} would hold out all {len(names)} images of "
+                          f"{cfg['train-root']}; lower it or set select-root")
+    return cfg["train-root"], hold_out(names, cfg["select-images"], cfg["seed"])
+
+
 def run(argv):
     # ---------------------------------------------------------------- config and processes
     cfg = load_config(SCHEMA, argv, "configs/train.yaml", "Train an image-text retrieval model.")
@@ -97,14 +128,19 @@ def run(argv):
     if cfg["batch-size"] % world_size:
         raise ConfigError(f"batch-size {cfg['batch-size']} does not divide over {world_size} processes; "
                           f"use a multiple of {world_size}")
+    if cfg["train-shards"] and cfg["select-root"] is None:
+        raise ConfigError("train-shards needs a select-root folder to choose best.pt on (a stream cannot hold "
+                          "images out); prepare one with tools.prepare_data")
     local_batch = cfg["batch-size"] // world_size
     if rank == 0:
         note = rundir.prepare(cfg)  # before any data is read: never start over another run's files
         if note:
             log(rank, note)
     barrier()
-    if os.path.abspath(cfg["valid-root"]) == os.path.abspath(cfg["train-root"]):
-        log(rank, "warning: valid-root is train-root, so the validation scores measure training data")
+    ckpt = load_checkpoint(cfg["load-path"], map_location=device) if cfg["load-checkpoint"] else None
+    if ckpt is not None and ckpt["config"].get("loss", "infonce") != cfg["loss"]:
+        raise ConfigError(f"{cfg['load-path']} was trained with loss {ckpt['config'].get('loss', 'infonce')}; "
+                          f"resume with the same loss")
     if cfg["use-amp"] and device.type != "cuda":
         log(rank, "note: use-amp is ignored on the CPU (bf16 autocast is slower than fp32 on AVX2 CPUs)")
     amp = amp_context(device, cfg["use-amp"], cfg["amp-dtype"])
@@ -117,16 +153,15 @@ def run(argv):
     barrier()
     cfg["text-model"] = stored_text_model(cfg["text-model"])
     tokenizer = load_tokenizer(cfg["text-model"])
-    # workers decode, crop and resize; colour jitter runs on the whole batch on the device (engine.augment)
     limits = ImageLimits(cfg["max-image-pixels"], cfg["max-aspect-ratio"])
-    train_set = PairDataset(cfg["train-root"], image_transform(cfg["image-size"], cfg["use-augment"], jitter=False),
-                            strict=False, min_size=cfg["image-size"], random_crop=cfg["use-augment"], limits=limits)
-    PairDataset(cfg["valid-root"], transform=None)  # check the validation folder before hours of training
-    if len(train_set) < cfg["batch-size"]:
-        raise DataError(f"{cfg['train-root']} has {len(train_set)} pairs, fewer than one batch "
-                        f"({cfg['batch-size']}); lower batch-size")
-    sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg["seed"], drop_last=True) \
-        if world_size > 1 else None
+    # workers decode, crop and resize; colour jitter runs on the whole batch on the device (engine.augment)
+    transform = image_transform(cfg["image-size"], cfg["use-augment"], jitter=False)
+    pairs = None if cfg["train-shards"] else read_captions(cfg["train-root"])
+    select_root, select_files = selection_split(cfg, pairs, ckpt)
+    for root in {select_root, cfg["valid-root"]}:  # check both folders before hours of training
+        PairDataset(root, transform=None, only=select_files if root == select_root else None)
+    if os.path.abspath(cfg["valid-root"]) in (os.path.abspath(cfg["train-root"]), os.path.abspath(select_root)):
+        log(rank, "warning: valid-root is also the training or selection data, so its scores are not a fair report")
 
     # ---------------------------------------------------------------- model
     model = build_model(cfg)
@@ -137,24 +172,41 @@ def run(argv):
     max_length = min(cfg["max-length"], text_length_limit(model.text.model.config))
     if max_length < cfg["max-length"]:
         log(rank, f"note: max-length lowered to {max_length}, the most {cfg['text-model']} can take")
-    loader = make_loader(train_set, local_batch, cfg["num-workers"], device, shuffle=True, sampler=sampler,
-                         collate_fn=PairCollate(tokenizer, max_length), drop_last=True)
+    collate = PairCollate(tokenizer, max_length)
+    if cfg["train-shards"]:
+        samples = cfg["samples-per-epoch"] or count_pairs(expand_pattern(cfg["train-shards"]))
+        loader = shard_loader(cfg["train-shards"], transform, collate, local_batch, cfg["num-workers"], rank,
+                              world_size, samples, cfg["seed"], min_size=cfg["image-size"],
+                              pin_memory=device.type == "cuda", random_crop=cfg["use-augment"], limits=limits)
+        epochs_of = loader  # set_epoch reseeds the shard order and the shuffles
+    else:
+        train_set = PairDataset(cfg["train-root"], transform, strict=False, min_size=cfg["image-size"],
+                                random_crop=cfg["use-augment"], limits=limits, pairs=pairs, exclude=select_files or ())
+        if len(train_set) < cfg["batch-size"]:
+            held = f" after holding out {len(select_files)} images for selection" if select_files else ""
+            raise DataError(f"{cfg['train-root']} has {len(train_set)} training pairs{held}, fewer than one batch "
+                            f"({cfg['batch-size']}); lower batch-size{' or select-images' if held else ''}")
+        sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg["seed"], drop_last=True) \
+            if world_size > 1 else None
+        loader = make_loader(train_set, local_batch, cfg["num-workers"], device, shuffle=True, sampler=sampler,
+                             collate_fn=collate, drop_last=True)
+        epochs_of = sampler
     unwrapped = model
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- loss and optimizer
-    loss_fn = ContrastiveLoss(rank, world_size)
-    optimizer, scheduler, scaler = build_optimizer(unwrapped, cfg, cfg["epochs"] * len(loader), device)
+    loss_fn = make_loss(cfg["loss"], rank, world_size).to(device)  # the sigmoid loss owns a learnable bias
+    optimizer, scheduler, scaler = build_optimizer(unwrapped, cfg, cfg["epochs"] * len(loader), device, [loss_fn])
     trainer = Trainer(model, loss_fn, optimizer, scheduler, scaler, amp, device, cfg["micro-batch-size"],
                       cfg["grad-clip"], augment=color_jitter if cfg["use-augment"] else None)
     enc = Encoding(cfg["image-size"], max_length, local_batch, cfg["num-workers"], device, amp, limits)
 
     # ---------------------------------------------------------------- resume
     start_epoch, best, best_epoch = 0, -1.0, None
-    if cfg["load-checkpoint"]:
-        ckpt = load_checkpoint(cfg["load-path"], map_location=device)
+    if ckpt is not None:
         unwrapped.load_state_dict(ckpt["model"])
+        loss_fn.load_state_dict(ckpt.get("loss", {}))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -168,34 +220,64 @@ def run(argv):
     # ---------------------------------------------------------------- epoch loop
     history = None
     for epoch in range(start_epoch, cfg["epochs"]):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        if epochs_of is not None:
+            epochs_of.set_epoch(epoch)
         stats = train_one_epoch(trainer, loader, epoch, show_progress=rank == 0)
         if stats["skipped_images"]:
             log(rank, f"warning: {stats['skipped_images']} image(s) failed to decode this epoch and were skipped")
         if rank == 0:
-            metrics = evaluate(unwrapped, tokenizer, cfg["valid-root"], enc)
+            selection = evaluate(unwrapped, tokenizer, select_root, enc, only=select_files)
+            report = evaluate(unwrapped, tokenizer, cfg["valid-root"], enc) if cfg["report-every-epoch"] else None
         rngs = gather_rng_states(world_size)  # after validation, which draws from the RNG too
+        stop = False
         if rank == 0:
-            print(format_table(metrics), flush=True)
-            improved = metrics["rsum"] > best
+            print("selection split:\n" + format_table(selection), flush=True)
+            improved = selection["rsum"] > best
             if improved:
-                best, best_epoch = metrics["rsum"], epoch
-            history = {"epoch": epoch, "train": stats, "valid": metrics, "best": improved}
-            state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "step": (epoch + 1) * len(loader), "best_rsum": best, "best_epoch": best_epoch, "rng": rngs,
-                     "config": cfg, "metrics": metrics, "log_line": history}
+                best, best_epoch = selection["rsum"], epoch
+            history = {"epoch": epoch, "train": stats, "select": selection, "best": improved}
+            if report is not None:
+                history["valid_not_used_for_selection"] = report
+            state = {"model": unwrapped.state_dict(), "loss": loss_fn.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "step": (epoch + 1) * len(loader),
+                     "best_rsum": best, "best_epoch": best_epoch, "rng": rngs, "config": cfg, "metrics": selection,
+                     "select_files": select_files, "log_line": history}
             rundir.save_epoch(cfg, state, improved)
-            print(f"epoch {epoch}: loss {stats['loss']:.4f}, rsum {metrics['rsum']:.4f}"
+            print(f"epoch {epoch}: loss {stats['loss']:.4f}, selection rsum {selection['rsum']:.4f}"
                   f"{' (best)' if improved else ''}, {stats['samples_per_s']:.1f} samples/s, "
                   f"{stats['data_wait_share']:.0%} of the time waiting for data", flush=True)
+            stop = cfg["patience"] is not None and epoch - best_epoch >= cfg["patience"]
+            if stop:
+                print(f"early stop: no better selection rsum for {cfg['patience']} epoch(s) since epoch "
+                      f"{best_epoch}", flush=True)
+        if broadcast_flag(stop, world_size):
+            break
         barrier()
-    log_file = rundir.log_path(cfg)
-    if rank == 0 and os.path.isfile(log_file):
+
+    # ---------------------------------------------------------------- the report: best.pt on valid-root
+    if rank == 0 and history is not None:
+        history["report"] = final_report(cfg, unwrapped, tokenizer, enc)
+        log_file = rundir.log_path(cfg)
         plot = plot_curves(log_file, os.path.join(os.path.dirname(log_file), "curves.png"))
         print(f"log: {log_file}; curves: {plot}")
     return history
+
+
+def final_report(cfg, model, tokenizer, enc):
+    """Score best.pt (chosen on the selection split, never on this set) on valid-root; print and write it."""
+    best = load_checkpoint(cfg["best-path"], map_location=enc.device)
+    model.load_state_dict(best["model"])
+    report = evaluate(model, tokenizer, cfg["valid-root"], enc)
+    print(f"report: {cfg['valid-root']} scored with {cfg['best-path']} (epoch {best['epoch']}, chosen on the "
+          f"selection split)\n" + format_table(report), flush=True)
+    if "one_caption_per_image" in report:
+        print(format_table(report["one_caption_per_image"]), flush=True)
+    report = {**report, "epoch": best["epoch"], "checkpoint": cfg["best-path"], "valid_root": cfg["valid-root"]}
+    path = os.path.join(os.path.dirname(os.path.abspath(cfg["last-path"])), "report.json")
+    write_json(path, report)
+    print(f"report written to {path}")
+    return report
 
 
 def main(argv=None):

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dataset import (DataError, ImageDataset, PairDataset, collate_decoded, image_transform, make_loader,
+from dataset import (ImageDataset, PairDataset, choose_captions, collate_decoded, image_transform, make_loader,
                      normalize, tokenize)
+from engine.errors import DataError
 from engine.images import DEFAULT_LIMITS, ImageLimits
 from engine.metrics import retrieval_metrics
 
@@ -67,13 +68,26 @@ def encode_texts(model, tokenizer, texts, enc, progress=False):
     return feats
 
 
-def evaluate(model, tokenizer, root, enc, progress=False):
+def one_caption_rows(split, seed=0):
+    """Row indices of `split.pairs` keeping one caption per image, chosen by the rule of
+    `prepare_data --captions-per-image 1` (dataset.choose_captions), so both protocols come from one folder."""
+    rows = {}
+    for r, (name, _) in enumerate(split.pairs):
+        rows.setdefault(name, []).append(r)
+    return sorted(choose_captions(name, r, 1, seed)[0] for name, r in rows.items())
+
+
+def evaluate(model, tokenizer, root, enc, progress=False, only=None, seed=0):
     """Full retrieval metrics of `model` on the split at `root` (see engine.metrics.retrieval_metrics).
 
-    Every image must decode: a file that does not is an error naming it, since a skipped image would change the
-    task the numbers describe.
+    `only` restricts the split to those image files (a held-out selection split). When images have several
+    captions, the metrics of the one-caption-per-image protocol are added under "one_caption_per_image", from
+    the same features (each image is encoded once for both). Every image must decode: a file that does not is an
+    error naming it, since a skipped image would change the task the numbers describe.
     """
-    split = PairDataset(root, transform=None)
+    split = PairDataset(root, transform=None, only=only, limits=enc.limits)
+    if not split.pairs:
+        raise DataError(f"no captioned image of {root} is left to evaluate")
     was_training = model.training
     model.eval()
     try:
@@ -84,4 +98,9 @@ def evaluate(model, tokenizer, root, enc, progress=False):
         txt = encode_texts(model, tokenizer, [c for _, c in split.pairs], enc, progress)
     finally:
         model.train(was_training)
-    return retrieval_metrics(img.to(enc.device), txt.to(enc.device), torch.tensor(split.image_ids))
+    img, txt, ids = img.to(enc.device), txt.to(enc.device), torch.tensor(split.image_ids)  # (Ni, D), (Nc, D), (Nc,)
+    metrics = retrieval_metrics(img, txt, ids)
+    if len(split.pairs) > len(split.image_files):
+        keep = torch.tensor(one_caption_rows(split, seed))
+        metrics["one_caption_per_image"] = retrieval_metrics(img, txt[keep.to(txt.device)], ids[keep])
+    return metrics

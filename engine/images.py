@@ -83,8 +83,11 @@ def load_crop_source(path, image_size, limits=DEFAULT_LIMITS):
     (1/2, 1/4, 1/8), which beats a full decode; other formats and non-RGB JPEGs (grayscale, CMYK) come back as
     PIL images through `to_rgb`. The training transform takes both.
     """
-    with open(path, "rb") as f:
-        data = f.read()  # once, for Pillow's header and for whichever decoder runs
+    if hasattr(path, "read"):  # an in-memory file (a shard member, an upload)
+        data = path.read()
+    else:
+        with open(path, "rb") as f:
+            data = f.read()  # once, for Pillow's header and for whichever decoder runs
     img = Image.open(io.BytesIO(data))  # parses the header only
     if img.format != "JPEG":
         check_size(*img.size, limits, _name(path))

@@ -1,16 +1,38 @@
-"""The optimizer and its schedule: AdamW with decay on weight matrices only, linear warmup then cosine decay."""
+"""The optimizer and its schedule: AdamW with decay on weight matrices only, linear warmup then cosine decay.
+
+The towers start pretrained, but the image projection starts from random weights and the temperature (and the
+sigmoid loss's bias) are single numbers far from their final values: at the small rate that suits a pretrained
+tower (the reference 5e-6) they would barely move. `projection-learning-rate` gives these "head" parameters
+their own rate.
+"""
 import math
 
 import torch
 
+HEAD_PREFIXES = ("image.proj.", "log_scale")  # the model's parameters that start random or scalar
 
-def param_groups(model, weight_decay):
-    """Weight decay on matrices and convolutions only; never on biases, norms or the temperature."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+def param_groups(model, weight_decay, lr=None, head_lr=None, extra=()):
+    """AdamW groups: decay on matrices and convolutions only (never on biases, norms or the temperature); with
+    `head_lr`, the projection, the temperature and the parameters of the `extra` modules (a loss's own bias)
+    get that rate instead of `lr`."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    named += [(f"extra{i}.{n}", p) for i, m in enumerate(extra) for n, p in m.named_parameters()]
+    groups = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        head = head_lr is not None and (name.startswith(HEAD_PREFIXES) or name.startswith("extra"))
+        decay = p.ndim >= 2
+        groups.setdefault((head, decay), []).append(p)
+    out = []
+    for (head, decay), params in sorted(groups.items()):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        rate = head_lr if head else lr
+        if rate is not None:
+            group["lr"] = rate
+        out.append(group)
+    return out
 
 
 def warmup_cosine(warmup, total):
@@ -23,10 +45,13 @@ def warmup_cosine(warmup, total):
     return factor
 
 
-def build_optimizer(model, cfg, total_steps, device):
-    """(optimizer, scheduler, scaler) for a run's config. The grad scaler is on only for fp16 autocast on CUDA."""
+def build_optimizer(model, cfg, total_steps, device, extra=()):
+    """(optimizer, scheduler, scaler) for a run's config. `extra` modules (the loss) are optimised too. The grad
+    scaler is on only for fp16 autocast on CUDA."""
     fused = device.type == "cuda"  # one kernel for the whole update instead of one per tensor
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight-decay"]), lr=cfg["learning-rate"], fused=fused)
+    groups = param_groups(model, cfg["weight-decay"], cfg["learning-rate"], cfg.get("projection-learning-rate"),
+                          extra)
+    optimizer = torch.optim.AdamW(groups, lr=cfg["learning-rate"], fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg["warmup-steps"], total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["use-amp"] and device.type == "cuda"
                                   and cfg["amp-dtype"] == "float16")

@@ -83,6 +83,15 @@ def barrier():
         dist.barrier()
 
 
+def broadcast_flag(flag, world_size):
+    """Rank 0's boolean, on every process (e.g. an early-stop decision that only rank 0 can take)."""
+    if world_size == 1:
+        return bool(flag)
+    box = [bool(flag)]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_rng_states(world_size):
     """Every process's RNG state, so a resumed multi-process run continues each stream where it stopped."""
     if world_size == 1:

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataset import resolve_workers
 from engine.errors import DataError
-from engine.images import open_image
+from engine.images import DEFAULT_LIMITS, open_image
 
 SIZES_FILE = "sizes.json"  # {shard file name: pairs}, written beside the shards
 MAX_BAD_IN_A_ROW = 64  # consecutive undecodable images before a worker gives up instead of spinning
@@ -153,11 +153,12 @@ def _parse(samples, counts):
         yield sample[image_keys[0]], captions, image_id
 
 
-def _pairs(samples, transform, min_size, counts):
+def _pairs(samples, transform, min_size, counts, random_crop=False, limits=DEFAULT_LIMITS):
     """Decode each image once and yield one (uint8 image, caption, image id, 0) item per caption."""
     bad_in_a_row = 0
     for image_bytes, captions, image_id in samples:
-        image = open_image(io.BytesIO(image_bytes), strict=False, min_size=min_size)
+        image = open_image(io.BytesIO(image_bytes), strict=False, min_size=min_size, random_crop=random_crop,
+                           limits=limits)
         if image is None:
             counts.skipped += 1
             bad_in_a_row += 1
@@ -173,7 +174,7 @@ class ShardStream(IterableDataset):
     """One process's batches, built in each loader worker; see the module docstring."""
 
     def __init__(self, urls, transform, collate_fn, batch_size, rank, world_size, batches_per_rank, seed,
-                 epoch, shuffle_buffer, min_size):
+                 epoch, shuffle_buffer, min_size, random_crop=False, limits=DEFAULT_LIMITS):
         self.urls = urls
         self.transform = transform
         self.collate_fn = collate_fn
@@ -185,6 +186,7 @@ class ShardStream(IterableDataset):
         self.epoch = multiprocessing.Value("i", epoch)  # shared memory: persistent workers see set_epoch
         self.shuffle_buffer = shuffle_buffer or 0
         self.min_size = min_size
+        self.random_crop, self.limits = random_crop, limits
 
     def rank_shards(self, epoch):
         order = list(self.urls)
@@ -212,7 +214,8 @@ class ShardStream(IterableDataset):
             functools.partial(_parse, counts=counts)]
         if shuffling:  # images as bytes: cheap to hold
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(seed)))
-        stages.append(functools.partial(_pairs, transform=self.transform, min_size=self.min_size, counts=counts))
+        stages.append(functools.partial(_pairs, transform=self.transform, min_size=self.min_size, counts=counts,
+                                        random_crop=self.random_crop, limits=self.limits))
         if shuffling:  # spreads the captions of one image over different batches
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
                                       rng=random.Random(seed + ":pairs")))
@@ -251,7 +254,7 @@ class ShardLoader:
 
 def shard_loader(pattern, transform, collate_fn, batch_size, num_workers=0, rank=0, world_size=1,
                  samples_per_epoch=None, seed=0, epoch=0, shuffle_buffer=1000, min_size=None,
-                 pin_memory=False):
+                 pin_memory=False, random_crop=False, limits=DEFAULT_LIMITS):
     """Batches of `batch_size` pairs (per process) from the shards of `pattern`, for process `rank`.
 
     `transform`: PIL image -> uint8 (3, H, W), e.g. `dataset.image_transform`; `collate_fn` takes items
@@ -282,7 +285,7 @@ def shard_loader(pattern, transform, collate_fn, batch_size, num_workers=0, rank
         warnings.warn(f"using {workers} loader worker(s), not {asked}: a worker reads whole shards and a "
                       f"process holds at least {len(urls) // world_size} of the {len(urls)}", stacklevel=2)
     stream = ShardStream(urls, transform, collate_fn, batch_size, rank, world_size, batches_per_rank, seed,
-                         epoch, shuffle_buffer, min_size)
+                         epoch, shuffle_buffer, min_size, random_crop, limits)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     return ShardLoader(stream, loader, batches_per_rank)

@@ -51,7 +51,7 @@ def tiny_train_args(data, out, *extra):
             "--train-root", str(data / "train"), "--valid-root", str(data / "valid"),
             "--text-model", str(data / "text"), "--demo-data", "false",
             "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-steps", "2",
-            "--num-workers", "0", "--device", "cpu",
+            "--num-workers", "0", "--device", "cpu", "--select-images", "4",
             "--last-path", str(out / "last.pt"), "--best-path", str(out / "best.pt"), *extra]
 
 
@@ -74,7 +74,7 @@ def tiny_run(base):
     demo.make_demo(str(base / "train"), str(valid), str(base / "text"), train_images=16, captions_per_image=1)
     train.main(["--config", DEMO_CONFIG, "--train-root", str(base / "train"),
                 "--valid-root", str(valid), "--text-model", str(base / "text"), "--epochs", "1",
-                "--batch-size", "16", "--image-size", "32", "--num-workers", "0",
+                "--batch-size", "16", "--image-size", "32", "--num-workers", "0", "--select-root", str(valid),
                 "--last-path", str(base / "ck" / "last.pt"), "--best-path", str(paths["checkpoint"])])
     return paths
 

@@ -266,7 +266,7 @@ def test_out_of_range_values_are_one_line_errors(tiny_data, tmp_path, key, value
 
 def test_validating_on_the_training_data_warns(tiny_data, tmp_path, capsys):
     train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1", "--valid-root", str(tiny_data / "train")))
-    assert "valid-root is train-root" in capsys.readouterr().out
+    assert "valid-root is also the training or selection data" in capsys.readouterr().out
 
 
 def damaged_checkpoints(good, folder):

@@ -22,35 +22,75 @@ def trained(tiny_data, tmp_path_factory):
 def test_training_writes_checkpoints_log_and_plot(trained):
     out, history = trained
     ckpt = load_checkpoint(str(out / "last.pt"))
-    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "config",
-                         "best_rsum"}
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 2 * (48 // 8)
-    assert ckpt["config"]["image-size"] == 32 and ckpt["config"]["text-model"].endswith("text")
+    assert set(ckpt) >= {"model", "loss", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "config",
+                         "best_rsum", "best_epoch", "select_files", "log_line"}
+    # 4 of the 24 training images (with both their captions) are held out for selection and never trained on
+    held = ckpt["select_files"]
+    assert len(held) == 4 and held == sorted(held)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 2 * (40 // 8)
+    assert os.path.isabs(ckpt["config"]["text-model"]) and ckpt["config"]["text-model"].endswith("text")
     lines = [json.loads(s) for s in open(out / "metrics.jsonl")]
     assert [r["epoch"] for r in lines] == [0, 1]
-    assert all(r["train"]["steps"] == 6 and r["train"]["samples"] == 48 for r in lines)
-    assert lines[1]["train"]["loss"] < lines[0]["train"]["loss"] + 1.0  # finite and not exploding
+    assert all(r["train"]["steps"] == 5 and r["train"]["samples"] == 40 for r in lines)
+    assert all(r["select"]["num_images"] == 4 and r["select"]["num_captions"] == 8 for r in lines)
+    assert lines[1]["train"]["loss"] < lines[0]["train"]["loss"]  # seeded, so the same every run
     best = load_checkpoint(str(out / "best.pt"))
-    assert best["metrics"]["rsum"] == max(r["valid"]["rsum"] for r in lines)
+    assert best["metrics"]["rsum"] == max(r["select"]["rsum"] for r in lines)
+    assert best["epoch"] == ckpt["best_epoch"] == max(lines, key=lambda r: r["select"]["rsum"])["epoch"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["epoch"] == best["epoch"] and report["num_images"] == 12  # best.pt on valid-root
+    assert history["report"]["rsum"] == report["rsum"]
     assert (out / "curves.png").stat().st_size > 1000
-    assert not [p for p in os.listdir(out) if ".tmp" in p]  # atomic writes leave nothing behind
+    assert not [p for p in os.listdir(out) if ".partial" in p]  # atomic writes leave nothing behind
 
 
-def test_eval_script_reproduces_train_time_validation(trained, tiny_data):
+def test_selection_images_are_never_trained_on(tiny_data, monkeypatch, tmp_path):
+    seen = []
+    real = train.PairDataset.__getitem__
+    monkeypatch.setattr(train.PairDataset, "__getitem__", lambda self, i: seen.append(self.pairs[i][0]) or
+                        real(self, i))
+    train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1"))
+    held = set(load_checkpoint(str(tmp_path / "last.pt"))["select_files"])
+    assert len(seen) == 40 and not held & set(seen)
+
+
+def test_eval_script_reproduces_the_report(trained, tiny_data):
     out, _ = trained
     json_path = out / "eval.json"
     metrics = eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(out / "best.pt"),
                                 "--valid-root", str(tiny_data / "valid"), "--num-workers", "0",
                                 "--device", "cpu", "--output", str(json_path)])
-    stored = load_checkpoint(str(out / "best.pt"))["metrics"]
+    report = json.loads((out / "report.json").read_text())
     written = json.loads(json_path.read_text())
     for direction in ("image_to_text", "text_to_image"):
-        assert set(written[direction]) >= {"R@1", "R@5", "R@10"}
-        for k in ("R@1", "R@5", "R@10"):
-            assert written[direction][k] == pytest.approx(stored[direction][k], abs=1e-9)
-            assert 0.0 <= written[direction][k] <= 1.0
+        for k in ("R@1", "R@5", "R@10", "median_rank", "mean_rank"):
+            assert written[direction][k] == pytest.approx(report[direction][k], abs=1e-9)
     assert written["num_images"] == 12 and written["num_captions"] == 12
-    assert metrics["rsum"] == pytest.approx(stored["rsum"])
+    assert metrics["rsum"] == pytest.approx(report["rsum"]) and "one_caption_per_image" not in written
+
+
+def test_eval_prints_both_protocols_from_one_encoding_pass(trained, tiny_data, capsys, monkeypatch):
+    out, _ = trained
+    from dataset import choose_captions, read_captions
+    from engine import evaluation
+    calls = []
+    real = evaluation.encode_image_files
+    monkeypatch.setattr(evaluation, "encode_image_files", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    metrics = eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(out / "best.pt"),
+                                "--valid-root", str(tiny_data / "train"), "--num-workers", "0",
+                                "--output", str(out / "both.json")])
+    assert calls == [24]  # each image encoded once for both tables
+    assert metrics["num_captions"] == 48 and metrics["one_caption_per_image"]["num_captions"] == 24
+    text = capsys.readouterr().out
+    assert "all captions (2.00 captions per image)" in text and "one caption per image" in text
+    # the kept caption of each image is the one prepare_data --captions-per-image 1 keeps
+    pairs = read_captions(str(tiny_data / "train"))
+    by_image = {}
+    for name, caption in pairs:
+        by_image.setdefault(name, []).append(caption)
+    from types import SimpleNamespace
+    rows = evaluation.one_caption_rows(SimpleNamespace(pairs=pairs))
+    assert [pairs[r][1] for r in rows] == [choose_captions(n, c, 1, 0)[0] for n, c in sorted(by_image.items())]
 
 
 def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypatch):
@@ -119,5 +159,26 @@ def test_corrupt_validation_image_stops_eval_with_its_name(trained, tiny_data, t
 def test_missing_checkpoint_and_batch_too_big_are_clear(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="checkpoint '.*none.pt' does not exist"):
         eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(tmp_path / "none.pt")])
-    with pytest.raises(SystemExit, match="has 48 pairs, fewer than one batch \\(64\\)"):
+    with pytest.raises(SystemExit, match="has 40 training pairs after holding out 4 images for selection, fewer than one batch \\(64\\)"):
         train.main(tiny_train_args(tiny_data, tmp_path, "--batch-size", "64"))
+
+
+def canned_metrics(rsum):
+    side = {"R@1": rsum / 6, "R@5": rsum / 6, "R@10": rsum / 6, "median_rank": 1.0, "mean_rank": 1.0}
+    return {"image_to_text": side, "text_to_image": side, "rsum": rsum, "num_images": 4, "num_captions": 8,
+            "protocol": "canned"}
+
+
+def test_patience_stops_after_epochs_without_a_better_selection_score(tiny_data, tmp_path, monkeypatch):
+    scores = iter([1.0, 2.0, 1.5, 1.4, 1.3, 1.2])
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: canned_metrics(next(scores)))
+    history = train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "5", "--patience", "2"))
+    lines = [json.loads(s) for s in open(tmp_path / "metrics.jsonl")]
+    assert [r["epoch"] for r in lines] == [0, 1, 2, 3]  # best at epoch 1, two epochs without better: stop
+    assert load_checkpoint(str(tmp_path / "best.pt"))["epoch"] == 1
+    assert history["report"]["epoch"] == 1
+
+
+def test_holding_out_every_image_is_refused(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="select-images 24 would hold out all 24 images"):
+        train.main(tiny_train_args(tiny_data, tmp_path, "--select-images", "24"))

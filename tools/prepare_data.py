@@ -45,7 +45,6 @@ resizing are listed in OUT/unreadable.txt and their captions are left out of cap
 import argparse
 import csv
 import os
-import random
 import shutil
 import sys
 from multiprocessing import Pool
@@ -54,7 +53,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import inside
+from dataset import choose_captions, inside
 from engine.errors import run_entry
 from engine.files import atomic_write, remove_stale_partials, temporary_name
 from tools import shards
@@ -74,13 +73,6 @@ def clean(caption):
 
 
 # ----------------------------------------------------------------------------- writing
-
-def choose_captions(name, captions, k, seed):
-    if k is None or len(captions) <= k:
-        return captions
-    rng = random.Random(f"{seed}:{name}")  # str seeds are hashed with SHA-512: same on every run
-    return [captions[i] for i in sorted(rng.sample(range(len(captions)), k))]
-
 
 def place_image(job):
     """Write one output image. Returns None, or why the source could not be decoded."""
