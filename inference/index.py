@@ -1,9 +1,19 @@
 """An image index: the embeddings of every image under a folder, with the file names, searchable by inner product.
 
-An index is a folder: `index.json` (the images root, the relative file names with their sizes and times, and
-the checkpoint's path, size and SHA-256) and `embeddings-*.npy` ((N, D) float16, L2-normalised rows, in the
-order of the file names). Building again on a grown folder encodes only new or changed files and drops deleted
-ones. An index made with another checkpoint is refused; `rebuild=True` re-encodes everything instead.
+An index is a folder: `index.json` (the images root, the relative file names with their sizes and times, the
+checkpoint's path, size and SHA-256, the index type), `embeddings-*.npy` ((N, D) float16, L2-normalised rows in
+the order of the file names) and, for the approximate types, `ann-*.faiss` (inference/ann.py). Types:
+- `flat` (default): exact. The embeddings are memory-mapped (a million images open in seconds, with no float32
+  copy in RAM) and searched BLOCK_ROWS rows at a time, merging the top k: one matrix product for small indexes.
+- `ivf`, `hnsw`: approximate, through FAISS (pip install faiss-cpu); query-time settings via `ImageIndex.tune`.
+
+Building again on a grown folder encodes only new or changed files and drops deleted ones: unchanged files keep
+their order and new and changed ones are appended, so an addition changes no id. The ANN structure is then
+extended (`ann.add`) when files were only added, refilled from the embeddings (`ann.rebuild`; ivf keeps its
+centroids) when files were removed or changed, and built anew (nothing is re-encoded) when the type or a build
+setting differs from the stored one or its file cannot be read. An index made with another checkpoint is
+refused; `rebuild=True` re-encodes everything. Format-1 indexes (before the types) are read as flat. New files
+get fresh names and index.json is replaced last, so an interrupted run leaves the previous index intact.
 """
 import json
 import os
@@ -13,13 +23,17 @@ import uuid
 import numpy as np
 import torch
 
-from dataset import inside, read_captions_csv
+from dataset import inside
 from engine.errors import UserError
 from engine.files import atomic_write
+from inference import ann
 from inference.encoder import list_images
 
-FORMAT = 1  # bump when the layout of index.json changes
-REQUIRED_KEYS = {"root", "checkpoint", "dim", "files", "sizes", "mtimes", "embeddings"}
+FORMAT = 2  # bump when the layout of index.json changes; 2 added index_type and ann
+READABLE_FORMATS = (1, 2)  # format 1 had neither key and is read as flat
+REQUIRED_KEYS = {"root", "checkpoint", "dim", "files", "sizes", "mtimes", "embeddings", "index_type", "ann"}
+BLOCK_ROWS = 65536  # rows converted to float32 at a time by the exact search: 128 MB at D = 512
+BUILD_FLAGS = {"nlist": ("--nlist", "ivf"), "m": ("--m", "hnsw"), "ef_construction": ("--ef-construction", "hnsw")}
 
 
 class SearchError(UserError, ValueError):
@@ -29,13 +43,15 @@ class SearchError(UserError, ValueError):
 class ImageIndex:
     """Image embeddings and their file names, searchable by inner product (= cosine: rows are normalised)."""
 
-    def __init__(self, folder, meta, embeddings):
+    def __init__(self, folder, meta, embeddings, ann_index=None):
         self.folder = folder
         self.meta = meta
         self.root = meta["root"]
         self.files = meta["files"]
-        self.embeddings = torch.from_numpy(embeddings.astype(np.float32))  # (N, D)
-        self.faiss = None
+        self.kind = meta["index_type"]
+        self.embeddings = embeddings  # (N, D) float16, memory-mapped: read in blocks, never copied whole
+        self.ann = ann_index  # the FAISS structure of an ivf or hnsw index; None for flat
+        self.nprobe = self.ef_search = None  # None: the values stored in the ANN structure
 
     def __len__(self):
         return len(self.files)
@@ -53,14 +69,12 @@ class ImageIndex:
         return path
 
     def path(self, i):
-        """Absolute path of image `i`, or None when it would resolve outside the root (e.g. through a link).
-
-        Only names stored in the index are ever joined to the root.
-        """
+        """Absolute path of image `i` (only stored names are joined to the root), or None when it would resolve
+        outside the root (e.g. through a link)."""
         return inside(self.root, self.files[i])
 
     @classmethod
-    def load(cls, folder):
+    def load(cls, folder, with_ann=True):
         meta = read_meta(folder)
         if meta is None:
             raise SearchError(f"'{folder}' is not an index (no index.json); make one with "
@@ -69,7 +83,7 @@ class ImageIndex:
         if path is None or not os.path.isfile(path):
             raise SearchError(f"index '{folder}' lacks {meta['embeddings']}; rebuild the index with --rebuild")
         try:
-            embeddings = np.load(path, allow_pickle=False)
+            embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise SearchError(f"{path} is not a readable embeddings file ({str(e).splitlines()[0][:80]}); "
                               f"rebuild the index with --rebuild") from None
@@ -77,27 +91,40 @@ class ImageIndex:
                 embeddings.shape != (len(meta["files"]), meta["dim"]):
             raise SearchError(f"index '{folder}' is inconsistent ({embeddings.shape[0]} embeddings for "
                               f"{len(meta['files'])} files); rebuild the index with --rebuild")
-        return cls(folder, meta, embeddings)
+        ann_index = load_ann(folder, meta) if with_ann and meta["index_type"] != "flat" else None
+        return cls(folder, meta, embeddings, ann_index)
 
-    def use_faiss(self):
-        """Search through FAISS's exact inner-product index (same results, optional dependency)."""
-        try:
-            import faiss
-        except ImportError:
-            raise SearchError("--faiss needs the faiss package: pip install faiss-cpu (or drop --faiss)") from None
-        self.faiss = faiss.IndexFlatIP(self.embeddings.shape[1])
-        self.faiss.add(np.ascontiguousarray(self.embeddings.numpy()))
+    def tune(self, nprobe=None, ef_search=None):
+        """Query-time settings of the approximate types (None: the index's own, see `settings`)."""
+        for flag, value, kind in (("--nprobe", nprobe, "ivf"), ("--ef-search", ef_search, "hnsw")):
+            if value is not None and self.kind != kind:
+                raise SearchError(f"{flag} applies to {kind} indexes only; index '{self.folder}' is {self.kind}")
+            if value is not None and value < 1:
+                raise SearchError(f"{flag} must be at least 1, got {value}")
+        self.nprobe, self.ef_search = nprobe, ef_search
         return self
 
+    def settings(self):
+        """The index type and the settings searches use, e.g. {"type": "ivf", "nlist": 100, "nprobe": 64}."""
+        if self.ann is None:
+            return {"type": self.kind}
+        info = {k: v for k, v in ann.describe(self.ann).items() if k not in ("kind", "rows", "dim")}
+        if self.nprobe is not None:
+            info["nprobe"] = min(self.nprobe, info["nlist"])  # ann.search caps it the same way
+        if self.ef_search is not None:
+            info["ef_search"] = self.ef_search
+        return {"type": self.kind, **info}
+
     def search(self, queries, k):
-        """(Q, D) normalised queries -> (scores, ids), each (Q, min(k, N)), best first."""
+        """(Q, D) normalised queries -> (scores, ids), each (Q, min(k, N)), best first. An ivf search whose probed
+        lists hold fewer than k images ends its rows with id -1 and score -inf."""
         k = min(k, len(self))
         if k == 0:
             return torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
-        if self.faiss is not None:
-            scores, ids = self.faiss.search(np.ascontiguousarray(queries.float().numpy()), k)
-            return torch.from_numpy(scores), torch.from_numpy(ids).long()
-        return (queries.float() @ self.embeddings.T).topk(k, dim=1)  # (Q, N) -> (Q, k)
+        if self.ann is not None:
+            scores, ids = ann.search(self.ann, queries.float().numpy(), k, self.nprobe, self.ef_search)
+            return torch.from_numpy(scores), torch.from_numpy(ids)
+        return exact_search(self.embeddings, queries.float(), k, BLOCK_ROWS)
 
     def check_encoder(self, encoder):
         """Refuse to search with a model other than the one the images were encoded with."""
@@ -105,6 +132,45 @@ class ImageIndex:
             raise SearchError(f"index '{self.folder}' was built with {self.checkpoint['path']} "
                               f"(sha256 {self.checkpoint['sha256'][:12]}), not with {encoder.model_path}; "
                               f"use that checkpoint or re-index with --rebuild")
+
+
+def exact_search(embeddings, queries, k, block_rows=BLOCK_ROWS):
+    """Top-k inner products of (Q, D) float32 queries with (N, D) rows, read `block_rows` rows at a time so that
+    memory holds one float32 block and its (Q, block_rows) scores, whatever N is."""
+    best_scores, best_ids = queries.new_empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
+    for start in range(0, len(embeddings), block_rows):
+        block = torch.from_numpy(np.asarray(embeddings[start:start + block_rows], dtype=np.float32))  # (b, D)
+        scores, ids = (queries @ block.T).topk(min(k, len(block)), dim=1)  # (Q, b) -> (Q, k')
+        scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids + start], 1)  # (Q, <= 2k)
+        best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
+        best_ids = ids.gather(1, order)
+    return best_scores, best_ids
+
+
+def _need_faiss(folder, kind):
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise SearchError(f"index '{folder}' is of type {kind}, which needs the faiss package: "
+                          f"pip install faiss-cpu (or build a flat index)") from None
+
+
+def load_ann(folder, meta):
+    """The FAISS structure of an ivf/hnsw index, checked against index.json (type, rows, dimension)."""
+    kind, name = meta["index_type"], meta["ann"]
+    _need_faiss(folder, kind)
+    path = inside(folder, name)
+    if path is None or not os.path.isfile(path):
+        raise SearchError(f"index '{folder}' lacks its {kind} file {name}; rebuild the index with --rebuild")
+    try:
+        index = ann.load(path)
+        fits = ann.kind_of(index) == kind and (index.ntotal, index.d) == (len(meta["files"]), meta["dim"])
+    except ann.AnnError:
+        fits = False
+    if not fits:
+        raise SearchError(f"{path} is not the {kind} index of these {len(meta['files'])} images; "
+                          f"rebuild the index with --rebuild")
+    return index
 
 
 def read_meta(folder):
@@ -116,8 +182,10 @@ def read_meta(folder):
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise SearchError(f"cannot read {path} ({e}); rebuild the index with --rebuild") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
         raise SearchError(f"{path} is not a format-{FORMAT} index; rebuild the index with --rebuild")
+    if meta["format"] == 1:
+        meta = {**meta, "index_type": "flat", "ann": None}
     missing = sorted(REQUIRED_KEYS - meta.keys())
     if missing:
         raise SearchError(f"{path} lacks {', '.join(missing)}; rebuild the index with --rebuild")
@@ -128,7 +196,9 @@ def read_meta(folder):
                   and all(isinstance(meta[k], list) and len(meta[k]) == n and all(isinstance(v, int) for v in meta[k])
                           for k in ("sizes", "mtimes"))
                   and isinstance(meta["checkpoint"], dict)
-                  and all(isinstance(meta["checkpoint"].get(k), str) for k in ("path", "sha256")))
+                  and all(isinstance(meta["checkpoint"].get(k), str) for k in ("path", "sha256"))
+                  and meta["index_type"] in ann.KINDS
+                  and (meta["ann"] is None if meta["index_type"] == "flat" else isinstance(meta["ann"], str)))
     if not well_typed:
         raise SearchError(f"{path} has fields of the wrong type; rebuild the index with --rebuild")
     # Lexical containment for every name (cheap); links are resolved when a file is served (ImageIndex.path).
@@ -139,18 +209,39 @@ def read_meta(folder):
     return meta
 
 
-def build_index(encoder, images_root, out, rebuild=False, progress=True):
-    """Create or update the index at `out` from every image under `images_root`; returns a summary dict."""
+def build_index(encoder, images_root, out, rebuild=False, progress=True, index_type=None, nlist=None, m=None,
+                ef_construction=None):
+    """Create or update the index at `out` from every image under `images_root`; returns a summary dict.
+
+    `index_type` None keeps the existing index's type (flat for a new one); nlist (ivf), m and ef_construction
+    (hnsw) None: ann.build's defaults for a new structure, the stored ones otherwise.
+    """
     if not os.path.isdir(images_root):
         raise SearchError(f"image folder '{images_root}' does not exist")
     root = os.path.abspath(images_root)
+    try:
+        current = read_meta(out)
+    except SearchError:
+        if not rebuild:
+            raise
+        current = None  # --rebuild also mends a damaged index.json
+    old = None if rebuild else current
+    kind = index_type or (current["index_type"] if current is not None else "flat")
+    if kind not in ann.KINDS:
+        raise SearchError(f"unknown index type '{kind}'; choose one of {', '.join(ann.KINDS)}")
+    settings = {k: v for k, v in (("nlist", nlist), ("m", m), ("ef_construction", ef_construction)) if v is not None}
+    for key in settings:
+        flag, owner = BUILD_FLAGS[key]
+        if owner != kind:
+            raise SearchError(f"{flag} applies to --index-type {owner} only; this index is {kind}")
+    if kind != "flat":
+        _need_faiss(out, kind)  # before encoding anything
     names = list_images(root)
     if not names:
         raise SearchError(f"no .jpg/.jpeg/.png/.webp images under '{images_root}'")
     stats = {n: os.stat(os.path.join(root, n)) for n in names}
     identity = encoder.identity()
 
-    old = None if rebuild else read_meta(out)
     if old is not None:
         if old["checkpoint"]["sha256"] != identity["sha256"]:
             raise SearchError(f"index '{out}' was built with another checkpoint ({old['checkpoint']['path']}); "
@@ -159,57 +250,67 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True):
         if old["root"] != root:
             raise SearchError(f"index '{out}' holds images of {old['root']}, not {root}; "
                               f"pass --rebuild to replace it, or choose another --output")
-        old_rows = ImageIndex.load(out).embeddings
-    # A file is reused when its name, size and modification time are unchanged.
-    reuse = {}
-    if old is not None:
-        for i, (name, size, mtime) in enumerate(zip(old["files"], old["sizes"], old["mtimes"])):
-            st = stats.get(name)
-            if st is not None and st.st_size == size and st.st_mtime_ns == mtime:
-                reuse[name] = old_rows[i]
-    todo = [n for n in names if n not in reuse]
+        old_rows = ImageIndex.load(out, with_ann=False).embeddings  # (N_old, D) memmap
+    # A file is reused when its name, size and modification time are unchanged; it keeps its row (and id).
+    keep = [] if old is None else [
+        i for i, (name, size, mtime) in enumerate(zip(old["files"], old["sizes"], old["mtimes"]))
+        if name in stats and stats[name].st_size == size and stats[name].st_mtime_ns == mtime]
+    reused = {old["files"][i] for i in keep}
+    todo = [n for n in names if n not in reused]
     feats, kept, failed = encoder.encode_image_files([os.path.join(root, n) for n in todo], progress)
-    fresh = {todo[i]: feats[j] for j, i in enumerate(kept)}
     for i, reason in failed:
         print(f"skipped {todo[i]}: {reason}", file=sys.stderr)
 
-    files = [n for n in names if n in reuse or n in fresh]
+    files = [old["files"][i] for i in keep] + [todo[i] for i in kept]  # new and changed files go last
     if not files:
         raise SearchError(f"none of the {len(names)} images under '{images_root}' could be decoded")
-    rows = torch.stack([reuse[n] if n in reuse else fresh[n] for n in files])  # (N, D)
+    rows = np.concatenate([old_rows[keep] if keep else np.empty((0, feats.shape[1]), np.float16),
+                           feats.numpy().astype(np.float16)])  # (N, D)
+    appended_only = old is not None and len(keep) == len(old["files"])
+    structure, action = (None, None) if kind == "flat" else _ann_structure(out, old, kind, rows, appended_only,
+                                                                          settings)
     meta = {"format": FORMAT, "root": root, "checkpoint": identity, "dim": int(rows.shape[1]),
             "image_size": encoder.image_size, "files": files,
             "sizes": [stats[n].st_size for n in files], "mtimes": [stats[n].st_mtime_ns for n in files],
-            "failed": [todo[i] for i, _ in failed]}
-    write_index(out, meta, rows.numpy().astype(np.float16))
+            "failed": [todo[i] for i, _ in failed], "index_type": kind}
+    write_index(out, meta, rows, structure)
     removed = 0 if old is None else len(set(old["files"]) - set(names))
-    return {"images": len(files), "new": len(fresh), "unchanged": len(reuse), "removed": removed,
-            "failed": len(failed)}
+    return {"images": len(files), "new": len(kept), "unchanged": len(keep), "removed": removed,
+            "failed": len(failed), "index_type": kind, "ann": action}
 
 
-def write_index(out, meta, embeddings):
-    """Embeddings go to a fresh file name; replacing index.json is the single step that makes them current,
-    so an interrupted run leaves the previous index intact."""
+def _ann_structure(out, old, kind, rows, appended_only, settings):
+    """(structure, "added" | "refilled" | "built"): the old one reused when it can be (module docstring)."""
+    previous = None
+    if old is not None and old["index_type"] == kind:
+        try:
+            previous = load_ann(out, old)
+        except SearchError:
+            print(f"note: the {kind} file of '{out}' cannot be read; building a new one", file=sys.stderr)
+    if previous is not None and all(ann.describe(previous)[k] == v for k, v in settings.items()):
+        if appended_only:
+            return ann.add(previous, rows[previous.ntotal:]), "added"
+        return ann.rebuild(previous, rows), "refilled"
+    if kind == "ivf" and "nlist" not in settings and len(rows) < ann.MIN_ROWS_PER_LIST:
+        raise SearchError(f"an ivf index needs at least {ann.MIN_ROWS_PER_LIST} images, got {len(rows)}; "
+                          f"use --index-type flat (exact, and fast at this size)")
+    return ann.build(rows, kind, **settings), "built"
+
+
+def write_index(out, meta, embeddings, structure=None):
+    """Embeddings and the ANN structure go to fresh file names; replacing index.json is the single step that
+    makes them current, so an interrupted run leaves the previous index intact."""
     os.makedirs(out, exist_ok=True)
-    name = f"embeddings-{uuid.uuid4().hex[:8]}.npy"
+    tag = uuid.uuid4().hex[:8]
+    name, ann_name = f"embeddings-{tag}.npy", None if structure is None else f"ann-{tag}.faiss"
     atomic_write(os.path.join(out, name), lambda f: np.save(f, embeddings), binary=True)
-    meta = {**meta, "embeddings": name}
+    if structure is not None:
+        ann.save(structure, os.path.join(out, ann_name))
+    meta = {**meta, "embeddings": name, "ann": ann_name}
     atomic_write(os.path.join(out, "index.json"), lambda f: json.dump(meta, f))
     for other in os.listdir(out):
-        if other.startswith("embeddings-") and other.endswith(".npy") and other != name:
+        stale = (other.startswith("embeddings-") and other.endswith(".npy") and other != name) or \
+                (other.startswith("ann-") and other.endswith(".faiss") and other != ann_name)
+        if stale:
             os.remove(os.path.join(out, other))
 
-
-def read_captions_file(path):
-    """Captions to rank for image -> text: a CSV with a `caption` column, or a text file with one per line."""
-    if not os.path.isfile(path):
-        raise SearchError(f"captions file '{path}' does not exist")
-    if path.lower().endswith(".csv"):
-        captions = [values[0] for _, values in read_captions_csv(path, columns=("caption",))]
-    else:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            captions = [" ".join(line.split()) for line in f]
-    captions = list(dict.fromkeys(c for c in captions if c))  # unique, in file order
-    if not captions:
-        raise SearchError(f"{path} holds no captions")
-    return captions

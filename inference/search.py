@@ -7,15 +7,23 @@
                                                                                                   # image -> text
 
 Running `index` again on a grown folder encodes only new or changed files and drops deleted ones (see
-inference/index.py for the format). Search is exact: one matrix product (or FAISS's exact inner-product index
-with --faiss, when installed).
+inference/index.py for the format and how each index type is updated). Index types, for large collections:
+
+    ... index ... --index-type flat     exact (default); embeddings memory-mapped and scanned in blocks
+    ... index ... --index-type ivf  [--nlist N]                  approximate, through FAISS (pip install faiss-cpu)
+    ... index ... --index-type hnsw [--m N --ef-construction N]  approximate, more memory, fastest queries
+    ... query --index indexes/photos --text "a dog" --nprobe 128     (ivf; --ef-search N for hnsw)
+
+Leaving out --index-type keeps an existing index's type; a different one rebuilds only the ANN structure.
 """
 import argparse
 import os
 
+from dataset import read_captions_csv
 from engine.errors import run_entry
+from inference import ann
 from inference.encoder import Encoder
-from inference.index import ImageIndex, SearchError, build_index, read_captions_file
+from inference.index import ImageIndex, SearchError, build_index
 
 
 def worker_count(value):
@@ -41,6 +49,14 @@ def parse_args(argv):
     ix.add_argument("--output", required=True, help="index folder (created, or updated when it exists)")
     ix.add_argument("--rebuild", action="store_true", help="re-encode everything (e.g. after a new checkpoint)")
     ix.add_argument("--num-workers", type=worker_count, default="auto", help="image-decoding processes, or auto")
+    ix.add_argument("--index-type", choices=ann.KINDS,
+                    help="flat: exact; ivf, hnsw: approximate, for millions of images. Left out: the existing "
+                         "index's type, flat for a new index")
+    ix.add_argument("--nlist", type=positive_int,
+                    help="ivf: k-means lists. Left out: 4*sqrt(N) (at least 39 images per list) for a new index")
+    ix.add_argument("--m", type=positive_int, help="hnsw: links per node. Left out: 32 for a new index")
+    ix.add_argument("--ef-construction", type=positive_int,
+                    help="hnsw: candidates kept while inserting. Left out: 40 for a new index")
     q = sub.add_parser("query", help="rank indexed images (or captions) against a text or an image",
                        formatter_class=fmt)
     q.add_argument("--index", help="index folder made by 'python -m inference.search index'")
@@ -50,7 +66,10 @@ def parse_args(argv):
     what.add_argument("--image", help="image -> image search, or image -> text with --captions")
     q.add_argument("--captions", help="rank these captions instead (.csv with a caption column, or .txt)")
     q.add_argument("-k", type=positive_int, default=10, help="results to show")
-    q.add_argument("--faiss", action="store_true", help="search with FAISS (pip install faiss-cpu)")
+    q.add_argument("--nprobe", type=positive_int, help=f"ivf: lists scanned per query (more: slower and closer "
+                                                       f"to exact). Left out: {ann.DEFAULT_NPROBE}, capped at nlist")
+    q.add_argument("--ef-search", type=positive_int, help=f"hnsw: candidates kept per query (more: slower and "
+                                                          f"closer to exact). Left out: {ann.DEFAULT_EF_SEARCH}")
     for s in (ix, q):
         s.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
         s.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -60,9 +79,12 @@ def parse_args(argv):
 
 def run_index(a):
     encoder = Encoder(a.model_path, a.device, a.text_model, batch_size=a.batch_size, num_workers=a.num_workers)
-    summary = build_index(encoder, a.images, a.output, rebuild=a.rebuild)
-    print(f"index {a.output}: {summary['images']} images ({summary['new']} encoded, {summary['unchanged']} "
-          f"unchanged, {summary['removed']} removed, {summary['failed']} failed to decode)")
+    summary = build_index(encoder, a.images, a.output, rebuild=a.rebuild, index_type=a.index_type, nlist=a.nlist,
+                          m=a.m, ef_construction=a.ef_construction)
+    structure = f"; {summary['index_type']} structure {summary['ann']}" if summary["ann"] else ""
+    print(f"{summary['index_type']} index {a.output}: {summary['images']} images ({summary['new']} encoded, "
+          f"{summary['unchanged']} unchanged, {summary['removed']} removed, {summary['failed']} failed to decode)"
+          f"{structure}")
     return summary
 
 
@@ -71,16 +93,16 @@ def run_query(a):
         raise SearchError("--captions ranks captions for an --image; for text -> image leave out --captions")
     index = None
     if a.index:
-        index = ImageIndex.load(a.index)
+        index = ImageIndex.load(a.index).tune(a.nprobe, a.ef_search)
     elif not a.captions:
         raise SearchError("--index is required for image search (only image -> text with --captions needs none)")
+    elif a.nprobe or a.ef_search:
+        raise SearchError("--nprobe and --ef-search tune the search of an --index; leave them out with --captions")
     if a.model_path is None and index is None:
         raise SearchError("pass --model-path (or an --index, whose checkpoint is then used)")
     encoder = Encoder(a.model_path or index.model_path(), a.device, a.text_model, batch_size=a.batch_size)
     if index is not None:
         index.check_encoder(encoder)
-        if a.faiss:
-            index.use_faiss()
 
     if a.text is not None:
         if not a.text.strip():
@@ -102,14 +124,29 @@ def run_query(a):
         return results
 
     scores, ids = index.search(query, a.k)
-    results = [{"rank": r + 1, "score": float(s), "id": i, "path": index.path(i)}
-               for r, (s, i) in enumerate(zip(scores[0].tolist(), ids[0].tolist()))]
+    found = [(s, i) for s, i in zip(scores[0].tolist(), ids[0].tolist()) if i >= 0]  # ivf: -1 = lists ran dry
+    results = [{"rank": r + 1, "score": s, "id": i, "path": index.path(i)} for r, (s, i) in enumerate(found)]
     kind = "text -> image" if a.text is not None else "image -> image"
-    print(f"{kind}: {a.text!r} over {len(index)} images" if a.text is not None
-          else f"{kind}: {a.image} over {len(index)} images")
+    print(f"{kind}: {a.text!r} over {len(index)} images ({index.kind})" if a.text is not None
+          else f"{kind}: {a.image} over {len(index)} images ({index.kind})")
     for res in results:
         print(f"{res['rank']:4d}  {res['score']:.4f}  {res['path']}")
     return results
+
+
+def read_captions_file(path):
+    """Captions to rank for image -> text: a CSV with a `caption` column, or a text file with one per line."""
+    if not os.path.isfile(path):
+        raise SearchError(f"captions file '{path}' does not exist")
+    if path.lower().endswith(".csv"):
+        captions = [values[0] for _, values in read_captions_csv(path, columns=("caption",))]
+    else:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            captions = [" ".join(line.split()) for line in f]
+    captions = list(dict.fromkeys(c for c in captions if c))  # unique, in file order
+    if not captions:
+        raise SearchError(f"{path} holds no captions")
+    return captions
 
 
 def main(argv=None):

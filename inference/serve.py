@@ -7,11 +7,13 @@
     POST /api/search/image?k=10           image -> image       multipart field `file`
     POST /api/classify                    zero-shot labels     multipart `file` + form field `labels` (a,b,c)
     GET  /api/image/{id}                  an indexed image, by its index id only
-    GET  /api/health                      liveness and what is loaded
+    GET  /api/health                      liveness and what is loaded (with the index type and its settings)
     GET  /docs                            the OpenAPI documentation
 
-It listens on the loopback interface unless --host says otherwise. Images are only ever read from the file
-names stored in the index; uploads are size-limited, decoded from memory, and refused above a pixel count.
+An ivf or hnsw index (`python -m inference.search index --index-type ...`) is searched through FAISS with its
+own settings unless --nprobe (ivf) or --ef-search (hnsw) say otherwise. It listens on the loopback interface
+unless --host says otherwise. Images are only ever read from the file names stored in the index; uploads are
+size-limited, decoded from memory, and refused above a pixel count.
 """
 import argparse
 import io
@@ -28,6 +30,7 @@ from starlette.datastructures import Headers
 from engine.errors import DataError
 from engine.errors import run_entry
 from engine.images import ImageLimits, ImageTooLarge, check_size
+from inference import ann
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
 from inference.index import ImageIndex, SearchError
 
@@ -82,7 +85,8 @@ class Service:
 
     def results(self, scores, ids):
         return {"results": [{"id": i, "path": self.index.files[i], "score": round(s, 6), "url": f"/api/image/{i}"}
-                            for s, i in zip(scores[0].tolist(), ids[0].tolist())]}
+                            for s, i in zip(scores[0].tolist(), ids[0].tolist())
+                            if i >= 0]}  # an ivf search marks with -1 what its probed lists could not fill
 
 
 router = APIRouter()
@@ -104,7 +108,7 @@ def health(request: Request):
     svc = service(request)
     return {"status": "ok", "images": len(svc.index), "checkpoint": os.path.basename(svc.encoder.model_path),
             "dim": svc.encoder.dim, "image_size": svc.encoder.image_size, "max_upload_mb": svc.max_upload_mb,
-            "max_k": svc.max_k}
+            "max_k": svc.max_k, "index_type": svc.index.kind, "index_settings": svc.index.settings()}
 
 
 @router.get("/api/search")
@@ -165,17 +169,16 @@ def page():
 
 
 def create_app(model_path, index_dir, max_upload_mb=10.0, max_pixels=40_000_000, max_k=100, device="auto",
-               use_faiss=False, text_model=None, max_aspect_ratio=20.0):
+               text_model=None, max_aspect_ratio=20.0, nprobe=None, ef_search=None):
     """The FastAPI app: loads the model and the index once; requests share them through `app.state.service`.
 
-    `model_path` None means the checkpoint recorded in the index.
+    `model_path` None means the checkpoint recorded in the index; `nprobe` (ivf) and `ef_search` (hnsw) None
+    mean the index's own settings.
     """
-    index = ImageIndex.load(index_dir)
+    index = ImageIndex.load(index_dir).tune(nprobe, ef_search)
     encoder = Encoder(model_path or index.model_path(), device, text_model,
                       limits=ImageLimits(max_pixels, max_aspect_ratio))
     index.check_encoder(encoder)
-    if use_faiss:
-        index.use_faiss()
     app = FastAPI(title="Image-text retrieval",
                   description="Search an image index by text or by image, and classify images zero-shot.")
     app.state.service = Service(encoder, index, max_upload_mb, max_k)
@@ -229,7 +232,10 @@ def parse_args(argv):
     p.add_argument("--max-aspect-ratio", type=float, default=20.0, help="largest long side / short side accepted")
     p.add_argument("--max-k", type=int, default=100, help="most results one request may ask for")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--faiss", action="store_true", help="search with FAISS (pip install faiss-cpu)")
+    p.add_argument("--nprobe", type=int, help=f"ivf: lists scanned per query (more: slower and closer to exact). "
+                                              f"Left out: {ann.DEFAULT_NPROBE}, capped at nlist")
+    p.add_argument("--ef-search", type=int, help=f"hnsw: candidates kept per query (more: slower and closer to "
+                                                 f"exact). Left out: {ann.DEFAULT_EF_SEARCH}")
     return p.parse_args(argv)
 
 
@@ -237,12 +243,13 @@ def run(a):
     if a.max_upload_mb <= 0 or a.max_megapixels <= 0 or a.max_k < 1 or a.max_aspect_ratio < 1:
         raise SearchError("--max-upload-mb, --max-megapixels and --max-k must be positive, --max-aspect-ratio >= 1")
     app = create_app(a.model_path, a.index, a.max_upload_mb, int(a.max_megapixels * 1e6), a.max_k, a.device,
-                     a.faiss, a.text_model, a.max_aspect_ratio)
+                     a.text_model, a.max_aspect_ratio, nprobe=a.nprobe, ef_search=a.ef_search)
     import uvicorn  # only needed to listen; tests drive the app directly
 
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {a.host}: anyone who can reach this machine can use the service")
-    print(f"serving {len(app.state.service.index)} images on http://{a.host}:{a.port}/ (API docs at /docs)")
+    index = app.state.service.index
+    print(f"serving {len(index)} images ({index.kind} index) on http://{a.host}:{a.port}/ (API docs at /docs)")
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
     return app
 

@@ -67,6 +67,11 @@ def exit_message(excinfo):
     return str(excinfo.value.code)
 
 
+def rows(index):
+    """An index's memory-mapped float16 embeddings as a float32 tensor, (N, D)."""
+    return torch.from_numpy(np.asarray(index.embeddings, dtype=np.float32))
+
+
 # ---------------------------------------------------------------------- encoding is eval's encoding
 def test_encoder_matches_eval(tiny, encoder):
     model, tokenizer, cfg = load_trained(str(tiny["checkpoint"]), CPU)
@@ -179,7 +184,8 @@ def index_cmd(tiny, photos, out, *extra):
 def test_index_then_update_only_encodes_changes(tiny, encoder, photos, tmp_path, capsys):
     out = tmp_path / "index"
     summary = index_cmd(tiny, photos, out)
-    assert summary == {"images": 12, "new": 12, "unchanged": 0, "removed": 0, "failed": 1}
+    assert summary == {"images": 12, "new": 12, "unchanged": 0, "removed": 0, "failed": 1, "index_type": "flat",
+                       "ann": None}
     assert "broken.jpg" in capsys.readouterr().err
     index = search_index.ImageIndex.load(str(out))
     assert index.files == ([f"a/{n}" for n in sorted(os.listdir(photos / "a"))]
@@ -187,8 +193,9 @@ def test_index_then_update_only_encodes_changes(tiny, encoder, photos, tmp_path,
     assert index.meta["failed"] == ["broken.jpg"] and index.checkpoint["sha256"] == encoder.identity()["sha256"]
     # stored rows are the encoder's features, rounded to float16
     want = encoder.encode_images([index.path(i) for i in range(len(index))])
-    assert torch.allclose(index.embeddings, want, atol=2e-3)
-    before = {n: index.embeddings[i] for i, n in enumerate(index.files)}
+    assert isinstance(index.embeddings, np.memmap) and not index.embeddings.flags.writeable
+    assert torch.allclose(rows(index), want, atol=2e-3)
+    before = {n: rows(index)[i] for i, n in enumerate(index.files)}
 
     # grow by two (one in a new sub-folder), delete one, and re-run
     src = sorted(tiny["images"].iterdir())
@@ -197,12 +204,15 @@ def test_index_then_update_only_encodes_changes(tiny, encoder, photos, tmp_path,
     shutil.copy(src[21], photos / "d" / "new2.png")  # a JPEG named .png: decoded by content
     os.remove(photos / index.files[0])
     summary = index_cmd(tiny, photos, out)
-    assert summary == {"images": 13, "new": 2, "unchanged": 11, "removed": 1, "failed": 1}
+    assert summary == {"images": 13, "new": 2, "unchanged": 11, "removed": 1, "failed": 1, "index_type": "flat",
+                       "ann": None}
     index = search_index.ImageIndex.load(str(out))
-    assert "a/new1.jpg" in index.files and "d/new2.png" in index.files and before.keys() - set(index.files)
+    # unchanged files keep their order; new ones are appended (so that additions change no id)
+    assert index.files[-2:] == ["a/new1.jpg", "d/new2.png"] and before.keys() - set(index.files)
+    assert index.files[:11] == [n for n in before if n in index.files]
     for i, name in enumerate(index.files):
         if name in before:
-            assert torch.equal(index.embeddings[i], before[name])
+            assert torch.equal(rows(index)[i], before[name])
     assert len([f for f in os.listdir(out) if f.endswith(".npy")]) == 1  # the old embeddings file is gone
 
     # image -> image: every indexed image finds itself first
@@ -226,10 +236,10 @@ def test_index_with_another_checkpoint(tiny, photos, tmp_path):
     with pytest.raises(SystemExit) as e:  # querying with the wrong model is refused too
         search.main(["query", "--index", str(out), "--model-path", str(other), "--text", "a red star"])
     assert "was built with" in exit_message(e)
-    old = search_index.ImageIndex.load(str(out)).embeddings
+    old = rows(search_index.ImageIndex.load(str(out)))
     assert search.main(cmd + ["--rebuild"])["new"] == 12
     index = search_index.ImageIndex.load(str(out))
-    assert index.checkpoint["path"] == str(other) and not torch.allclose(index.embeddings, old, atol=1e-2)
+    assert index.checkpoint["path"] == str(other) and not torch.allclose(rows(index), old, atol=1e-2)
 
 
 def test_query_cli(tiny, encoder, photos, tmp_path, capsys):
@@ -239,7 +249,7 @@ def test_query_cli(tiny, encoder, photos, tmp_path, capsys):
     capsys.readouterr()
 
     results = search.main(["query", "--index", str(out), "--text", "a big red circle", "-k", "5"])
-    scores = index.embeddings @ encoder.encode_texts(["a big red circle"])[0]  # (N,)
+    scores = rows(index) @ encoder.encode_texts(["a big red circle"])[0]  # (N,)
     assert [r["id"] for r in results] == scores.topk(5).indices.tolist()
     assert [r["score"] for r in results] == pytest.approx(scores.topk(5).values.tolist(), abs=1e-5)
     assert capsys.readouterr().out.count("\n") == 6  # a title and five ranked lines
@@ -263,22 +273,30 @@ def test_query_cli(tiny, encoder, photos, tmp_path, capsys):
     assert len(search.main(["query", "--index", str(out), "--captions", str(lines), "--image", query])) == 2
 
 
-def test_faiss_matches_exact_or_says_how_to_install(tiny, photos, tmp_path, monkeypatch):
-    out = tmp_path / "index"
-    index_cmd(tiny, photos, out)
-    exact = search.main(["query", "--index", str(out), "--text", "a small green star", "-k", "4"])
+def test_hnsw_matches_exact_or_says_how_to_install(tiny, photos, tmp_path, monkeypatch):
+    """On 12 images an hnsw search keeps every image as a candidate (ef_search 128), so it is exact."""
+    flat, hnsw = tmp_path / "flat", tmp_path / "hnsw"
+    index_cmd(tiny, photos, flat)
+    exact = search.main(["query", "--index", str(flat), "--text", "a small green star", "-k", "4"])
     try:
         import faiss  # noqa: F401
     except ImportError:
         pass
     else:
-        fast = search.main(["query", "--index", str(out), "--text", "a small green star", "-k", "4", "--faiss"])
+        index_cmd(tiny, photos, hnsw, "--index-type", "hnsw")
+        fast = search.main(["query", "--index", str(hnsw), "--text", "a small green star", "-k", "4"])
         assert [r["id"] for r in fast] == [r["id"] for r in exact]
         assert [r["score"] for r in fast] == pytest.approx([r["score"] for r in exact], abs=1e-5)
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if not installed
-    with pytest.raises(SystemExit) as e:
-        search.main(["query", "--index", str(out), "--text", "a star", "--faiss"])
-    assert "pip install faiss-cpu" in exit_message(e)
+    calls = [["index", "--model-path", str(tiny["checkpoint"]), "--images", str(photos), "--output",
+              str(tmp_path / "ivf"), "--index-type", "ivf", "--num-workers", "0"]]
+    if hnsw.exists():
+        calls.append(["query", "--index", str(hnsw), "--text", "a star"])
+    for args in calls:
+        with pytest.raises(SystemExit) as e:
+            search.main(args)
+        assert exit_message(e).startswith("error:") and "pip install faiss-cpu" in exit_message(e)
+    assert not (tmp_path / "ivf").exists()  # refused before anything was encoded or written
 
 
 @pytest.mark.parametrize("make_args, message", [

@@ -4,7 +4,9 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -50,6 +52,7 @@ def test_health_docs_and_page(client, index_dir):
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["images"] == len(search_index.ImageIndex.load(str(index_dir)))
     assert health["max_upload_mb"] == UPLOAD_MB
+    assert health["index_type"] == "flat" and health["index_settings"] == {"type": "flat"}
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/search", "/api/search/image",
                                                                   "/api/classify", "/api/image/{image_id}"}
     assert client.get("/docs").status_code == 200
@@ -63,7 +66,8 @@ def test_text_search_ranks_like_the_index(client, encoder, index_dir):
     assert r.status_code == 200
     results = r.json()["results"]
     index = search_index.ImageIndex.load(str(index_dir))
-    scores = index.embeddings @ encoder.encode_texts(["a big red circle in the top left"])[0]  # (N,)
+    embeddings = torch.from_numpy(np.asarray(index.embeddings, dtype=np.float32))  # (N, D), memory-mapped float16
+    scores = embeddings @ encoder.encode_texts(["a big red circle in the top left"])[0]  # (N,)
     assert [x["id"] for x in results] == scores.topk(5).indices.tolist()
     assert [x["score"] for x in results] == sorted((x["score"] for x in results), reverse=True)
     assert [x["score"] for x in results] == pytest.approx(scores.topk(5).values.tolist(), abs=1e-5)
