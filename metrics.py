@@ -6,6 +6,8 @@ tie is counted against the model: a constant similarity matrix gets recall ~0, n
 Up to MAX_MATRIX similarities (COCO 5k images x 25k captions fits) come from one matrix product that both
 directions read; beyond that the product is made in slices of rows, then of columns, to bound memory.
 """
+import math
+
 import torch
 
 KS = (1, 5, 10)
@@ -63,11 +65,19 @@ def retrieval_ranks(image_features, text_features, caption_image, chunk=2048, ma
     return i2t.cpu(), t2i.cpu()
 
 
+def median_rank(ranks):
+    """1-based median rank as VSE++ and SCAN report it: floor(median of the 0-based ranks) + 1, where the median
+    of an even count is the mean of its two middle values (torch.median would take the lower one)."""
+    ranks = ranks.sort().values
+    middle = (ranks[(len(ranks) - 1) // 2] + ranks[len(ranks) // 2]).item() / 2
+    return float(math.floor(middle) + 1)
+
+
 def summarize(ranks):
     """0-based ranks -> recall@K as fractions, and 1-based median / mean rank."""
     ranks = ranks.double()
     out = {f"R@{k}": (ranks < k).double().mean().item() for k in KS}
-    out["median_rank"] = (ranks + 1).median().item()
+    out["median_rank"] = median_rank(ranks)
     out["mean_rank"] = (ranks + 1).mean().item()
     return out
 

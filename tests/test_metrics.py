@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from metrics import format_table, retrieval_metrics, retrieval_ranks
-from metrics import caption_table
+from metrics import caption_table, summarize
 
 
 def features_for(sim):
@@ -121,3 +121,17 @@ def test_one_product_and_slices_give_the_same_ranks(rounded):
         strict_i2t, strict_t2i = tie_counting_ranks(img @ txt.t() + 1e-3 * right_bonus(caption_image, 8),
                                                     caption_image)
         assert strict_i2t != want_i2t and strict_t2i != want_t2i
+
+
+def test_even_count_median_is_the_mean_of_the_two_middle_ranks():
+    # 0-based ranks 0, 0, 3, 3: median 1.5 -> floor + 1 = 2; torch.median's lower middle would give 1
+    assert summarize(torch.tensor([0, 0, 3, 3]))["median_rank"] == 2.0
+    assert summarize(torch.tensor([1, 4]))["median_rank"] == 3.0  # median 2.5 -> 3, lower middle -> 2
+    assert summarize(torch.tensor([4, 0, 1]))["median_rank"] == 2.0  # odd count: the middle one, 1 -> 2
+    sim = torch.tensor([[0.9, 0.1, 0.1, 0.1],   # image 0: rank 0
+                        [0.1, 0.9, 0.1, 0.1],   # image 1: rank 0
+                        [0.5, 0.5, 0.2, 0.5],   # image 2: three wrong captions above -> rank 3
+                        [0.5, 0.5, 0.5, 0.2]])  # image 3: rank 3
+    m = retrieval_metrics(*features_for(sim), torch.arange(4))
+    assert m["image_to_text"]["median_rank"] == 2.0 and m["image_to_text"]["mean_rank"] == 2.5
+    assert m["text_to_image"]["median_rank"] == 1.0  # ranks 0, 0, 1, 1: median 0.5 -> 1
