@@ -3,13 +3,21 @@
 The rank of a query is the number of wrong candidates that score at least as high as its best right one, so a
 tie is counted against the model: a constant similarity matrix gets recall ~0, not 1.
 
-Up to MAX_MATRIX similarities (COCO 5k images x 25k captions fits) come from one matrix product that both
-directions read; beyond that the product is made in slices of rows, then of columns, to bound memory.
+The (Ni, Nc) similarity matrix is never held whole. It is made one tile at a time (at most MAX_MATRIX
+similarities), and each tile is counted in both directions while it is still in cache: how many captions in it
+reach each image's threshold, how many images reach each caption's.
+A threshold is a right score, so the tiles holding right scores (each image block against its own captions)
+are made and counted first; every other tile is then made once and counted against known thresholds. The
+product is the only work that grows with D; the counting is two in-place comparisons per similarity.
 """
+import math
+from itertools import accumulate
+
 import torch
 
 KS = (1, 5, 10)
-MAX_MATRIX = 2**27  # similarities made in one product: 512 MiB of float32
+MAX_MATRIX = 2**20  # similarities in one tile: 4 MiB of float32, plus 4 MiB for its comparisons; stays in L3
+BLOCK_IMAGES = 512  # images per tile: tiles are 512 images x 2048 captions (fewer, larger products than 256 x 1024)
 
 
 def caption_table(caption_image, num_images):
@@ -25,49 +33,98 @@ def caption_table(caption_image, num_images):
     return table
 
 
-def _ranks_i2t(sim, table):
-    """sim (n, Nc), table (n, M) the n images' caption indices (-1 = none) -> (n,) 0-based rank of each image's
-    best right caption: wrong captions scoring at least as high."""
-    real = table >= 0
-    right = sim.gather(1, table.clamp(min=0)).masked_fill(~real, float("-inf"))  # (n, M)
-    best = right.amax(dim=1, keepdim=True)  # (n, 1); -inf for an image without captions: all Nc rank above
-    # every caption at or above the best, less the right ones among them (those tied with the best)
-    return (sim >= best).sum(dim=1) - ((right >= best) & real).sum(dim=1)
+def image_blocks(counts, rows, width):
+    """Cut images 0..Ni-1 into runs of at most `rows` images having at most `width` captions in all (an image
+    with more captions than that is a run alone) -> [(i0, i1)]. `counts` (Ni,) is each image's caption count."""
+    blocks, start, captions = [], 0, 0
+    for i, n in enumerate(counts):
+        if i > start and (i - start == rows or captions + n > width):
+            blocks.append((start, i))
+            start, captions = i, 0
+        captions += n
+    if counts:
+        blocks.append((start, len(counts)))
+    return blocks
 
 
-def _ranks_t2i(sim, caption_image):
-    """sim (Ni, n) for n captions -> (n,) 0-based rank of each caption's image among all images."""
-    right = sim.gather(0, caption_image[None, :])  # (1, n)
-    return (sim >= right).sum(dim=0) - 1  # the right image itself always counts once
+def tile_plan(counts, rows, max_matrix):
+    """The order in which the similarity matrix is made, with captions grouped by image (image i's captions are
+    positions starts[i]:starts[i + 1] of that order) -> [(diagonal, c0, c1, tiles)].
+
+    Each entry is a group of grouped captions c0:c1, whose features are gathered once, and the tiles
+    (i0, i1, lo, hi) of images i0:i1 x captions lo:hi made against them. The diagonal groups come first, one per
+    image block: the block against its own captions, so that every right score is known before any other tile
+    is counted. Then the captions in slices of `width`, each against every image block, skipping what that
+    block's diagonal tile already made. Every (image, caption) pair is made exactly once, and a tile holds at
+    most rows * width <= max_matrix similarities, unless a single image has more captions than that.
+    """
+    width = max(1, max_matrix // rows)
+    starts = [0, *accumulate(counts)]  # (Ni + 1,)
+    blocks = [(i0, i1, starts[i0], starts[i1]) for i0, i1 in image_blocks(counts, rows, width)]
+    plan = [(True, c0, c1, [(i0, i1, c0, c1)]) for i0, i1, c0, c1 in blocks if c0 < c1]  # skip caption-less
+    for a in range(0, starts[-1], width):
+        b = min(a + width, starts[-1])
+        tiles = [(i0, i1, lo, hi) for i0, i1, c0, c1 in blocks
+                 for lo, hi in ((a, min(b, c0)), (max(a, c1), b)) if lo < hi]  # the slice outside c0:c1
+        plan.append((False, a, b, tiles))
+    return plan
 
 
 @torch.no_grad()
-def retrieval_ranks(image_features, text_features, caption_image, chunk=2048, max_matrix=MAX_MATRIX):
+def retrieval_ranks(image_features, text_features, caption_image, chunk=BLOCK_IMAGES, max_matrix=MAX_MATRIX):
     """0-based ranks for every image query (image -> text) and every caption query (text -> image).
 
     image_features (Ni, D) and text_features (Nc, D), L2-normalised; caption_image (Nc,) gives each caption's
-    image index. With Ni * Nc <= `max_matrix` the (Ni, Nc) similarity matrix is made once and read both ways;
-    otherwise it is made `chunk` rows, then `chunk` columns, at a time.
+    image index. The similarities are made in tiles of at most `chunk` images and `max_matrix` similarities
+    (see tile_plan); two buffers of the largest tile's size are all the similarity memory used.
     """
-    img, txt = image_features.float(), text_features.float()
+    img, txt = image_features.float(), text_features.float()  # (Ni, D), (Nc, D)
     caption_image = caption_image.to(img.device)
+    max_matrix = min(max_matrix, 2**24)  # a tile's row and column counts are float32 sums: exact up to 2**24
     ni, nc = img.shape[0], txt.shape[0]
-    table = caption_table(caption_image, ni)  # (Ni, M)
-    if ni * nc <= max_matrix:
-        sim = img @ txt.t()  # (Ni, Nc)
-        return _ranks_i2t(sim, table).cpu(), _ranks_t2i(sim, caption_image).cpu()
-    i2t = torch.cat([_ranks_i2t(img[s:s + chunk] @ txt.t(), table[s:s + chunk])  # (c, Nc) per slice
-                     for s in range(0, ni, chunk)])
-    t2i = torch.cat([_ranks_t2i(img @ txt[s:s + chunk].t(), caption_image[s:s + chunk])  # (Ni, c) per slice
-                     for s in range(0, nc, chunk)])
-    return i2t.cpu(), t2i.cpu()
+    order = torch.argsort(caption_image, stable=True)  # (Nc,) caption indices grouped by image
+    owner = caption_image[order]  # (Nc,) the image of each grouped caption
+    plan = tile_plan(torch.bincount(caption_image, minlength=ni).tolist(), min(chunk, max_matrix), max_matrix)
+    largest = max([(i1 - i0) * (hi - lo) for *_, tiles in plan for i0, i1, lo, hi in tiles], default=0)
+    sim_buffer, hit_buffer = img.new_empty(largest), img.new_empty(largest)
+    best = img.new_full((ni,), float("-inf"))  # (Ni,) best right score; -inf without captions: all rank above
+    right = img.new_empty(nc)  # (Nc,) each grouped caption's score with its own image
+    above_i2t = img.new_zeros(ni, dtype=torch.float64)  # (Ni,) captions scoring >= the image's best right one
+    above_t2i = img.new_zeros(nc, dtype=torch.float64)  # (Nc,) images scoring >= the caption's own image
+    for diagonal, c0, c1, tiles in plan:
+        group = txt.index_select(0, order[c0:c1])  # (c1 - c0, D) these captions' features, grouped by image
+        for i0, i1, lo, hi in tiles:
+            h, k = i1 - i0, hi - lo
+            sim = torch.mm(img[i0:i1], group[lo - c0:hi - c0].t(), out=sim_buffer[:h * k].view(h, k))  # (h, k)
+            if diagonal:  # right scores are read off the very products that are counted, so ties stay exact
+                own = owner[lo:hi] - i0  # (k,) each caption's image, as a row of this tile
+                right[lo:hi] = sim.gather(0, own[None]).squeeze(0)
+                best[i0:i1].scatter_reduce_(0, own, right[lo:hi], "amax")
+                # a right caption tied with its image's best passes the >= below, but it is no wrong caption
+                above_i2t[i0:i1].index_add_(0, own, -(right[lo:hi] >= best[i0:i1][own]).double())
+            hit = hit_buffer[:h * k].view(h, k)  # (h, k) 1.0 / 0.0: float sums are faster than bool ones here
+            torch.ge(sim, best[i0:i1, None], out=hit)
+            above_i2t[i0:i1] += hit.sum(1)
+            torch.ge(sim, right[None, lo:hi], out=hit)
+            above_t2i[lo:hi] += hit.sum(0)
+    t2i = torch.empty_like(order)
+    t2i[order] = above_t2i.long() - 1  # back to the callers' caption order; the own image counts itself once
+    return above_i2t.long().cpu(), t2i.cpu()
+
+
+def median_rank(ranks):
+    """1-based median rank as VSE++ and SCAN report it: floor(median of the 0-based ranks) + 1, where the median
+    of an even count is the mean of its two middle values (torch.median would take the lower one)."""
+    ranks = ranks.sort().values
+    middle = (ranks[(len(ranks) - 1) // 2] + ranks[len(ranks) // 2]).item() / 2
+    return float(math.floor(middle) + 1)
 
 
 def summarize(ranks):
     """0-based ranks -> recall@K as fractions, and 1-based median / mean rank."""
     ranks = ranks.double()
     out = {f"R@{k}": (ranks < k).double().mean().item() for k in KS}
-    out["median_rank"] = (ranks + 1).median().item()
+    out["median_rank"] = median_rank(ranks)
     out["mean_rank"] = (ranks + 1).mean().item()
     return out
 

@@ -68,7 +68,7 @@ def test_recall_only_run_writes_json(tmp_path, capsys):
     assert machine["cpu"] and machine["torch"] == torch.__version__ and machine["device"] == "cpu"
     assert machine["torch_threads"] >= 1
     rows = data["results"]
-    assert [r["section"] for r in rows] == ["recall"] * 4
+    assert [r["section"] for r in rows] == ["recall"] * 6  # per size: loop, metrics.py, bare product
     for r in rows:
         assert r["median"] > 0 and len(r["runs"]) == 2 and all(v > 0 for v in r["runs"])
     loop, vectorised = rows[0], rows[1]
@@ -77,6 +77,12 @@ def test_recall_only_run_writes_json(tmp_path, capsys):
     assert vectorised["identical"] is True and vectorised["status"] == "PASS"
     assert vectorised["recall_loop"] == vectorised["recall_metrics"]
     assert vectorised["queries_compared"] == 60
+    product = rows[2]  # timed alternating with metrics.py; its ratio is metrics time / product time
+    assert product["item"] == "bare product img @ txt.T, 300x100" and product["baseline"] == vectorised["item"]
+    assert product["ratio"] == vectorised["median"] / product["median"]
+    assert product["status"] == ("PASS" if product["ratio"] <= 1.3 else "MISS")
+    per_round = product["metrics_over_product_per_round"]
+    assert per_round == [m / p for m, p in zip(vectorised["runs"], product["runs"])]
     printed = capsys.readouterr().out
     assert "metrics.retrieval_metrics, 300x100" in printed and "PASS" in printed
 

@@ -2,8 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.metrics import format_table, retrieval_metrics, retrieval_ranks
-from engine.metrics import caption_table
+from engine.metrics import caption_table, format_table, retrieval_metrics, retrieval_ranks, summarize, tile_plan
 
 
 def features_for(sim):
@@ -121,3 +120,107 @@ def test_one_product_and_slices_give_the_same_ranks(rounded):
         strict_i2t, strict_t2i = tie_counting_ranks(img @ txt.t() + 1e-3 * right_bonus(caption_image, 8),
                                                     caption_image)
         assert strict_i2t != want_i2t and strict_t2i != want_t2i
+
+
+def plain_loop_ranks(sim, caption_image):
+    """Reference ranks from nested Python loops over lists: wrong candidates scoring >= the best right one."""
+    rows, owner = sim.tolist(), caption_image.tolist()
+    i2t = []
+    for i, row in enumerate(rows):
+        own = [s for c, s in enumerate(row) if owner[c] == i]
+        best = max(own) if own else float("-inf")
+        i2t.append(sum(1 for c, s in enumerate(row) if owner[c] != i and s >= best))
+    t2i = [sum(1 for i, row in enumerate(rows) if i != image and row[c] >= rows[image][c])
+           for c, image in enumerate(owner)]
+    return i2t, t2i
+
+
+# (chunk, max_matrix): one tile for everything, one similarity per tile, and uneven tilings in between
+TILINGS = [(1000, 10**6), (1, 1), (2, 5), (3, 7), (4, 16), (5, 3), (2, 100)]
+
+
+def test_hand_made_ties_match_a_plain_loop_in_every_tiling():
+    caption_image = torch.tensor([1, 0, 2, 0, 1, 2, 0, 3])  # image 0: three captions, image 4: none
+    sim = torch.tensor([
+        # c0   c1   c2   c3   c4   c5   c6   c7
+        [2.0, 1.0, 2.0, 1.0, 0.0, 2.0, 0.0, 0.0],  # image 0: best own 1.0 (c1, c3 tie); c0 c2 c5 above -> 3
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # image 1: all tie -> all 6 wrong captions count -> 6
+        [0.0, 0.0, 3.0, 0.0, 0.0, 1.0, 0.0, 3.0],  # image 2: best own 3.0 (c2); c7 ties it -> 1
+        [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],  # image 3: own c7 1.0; c1 ties -> 1
+        [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0],  # image 4: no caption -> all 8 rank above
+    ])
+    img, txt = features_for(sim)
+    want = plain_loop_ranks(sim, caption_image)
+    assert want[0] == [3, 6, 1, 1, 8]
+    # c0 (image 1, 1.0): images 0, 4 reach it -> 2; c1 (image 0, 1.0): images 1, 3, 4 tie or beat it -> 3; ...
+    # c6 (image 0, 0.0): every other image reaches it -> 4; c7 (image 3, 1.0): images 1, 2, 4 -> 3
+    assert want[1] == [2, 3, 1, 2, 1, 3, 4, 3]
+    for chunk, max_matrix in TILINGS:
+        i2t, t2i = retrieval_ranks(img, txt, caption_image, chunk=chunk, max_matrix=max_matrix)
+        assert (i2t.tolist(), t2i.tolist()) == want, (chunk, max_matrix)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_small_integer_scores_match_a_plain_loop_in_every_tiling(seed):
+    g = torch.Generator().manual_seed(seed)
+    caption_image = torch.randint(0, 7, (19,), generator=g)  # some images get several captions, some none
+    sim = torch.randint(0, 3, (7, 19), generator=g).float()  # three values: ties everywhere
+    img, txt = features_for(sim)
+    want = plain_loop_ranks(sim, caption_image)
+    tiles = [retrieval_ranks(img, txt, caption_image, chunk=c, max_matrix=m) for c, m in TILINGS]
+    assert all((i2t.tolist(), t2i.tolist()) == want for i2t, t2i in tiles)
+    # the ties decide ranks here: a loop that let them count in the model's favour would disagree
+    strict = plain_loop_ranks(sim + 1e-3 * right_bonus(caption_image, 7), caption_image)
+    assert strict != want
+
+
+def test_even_count_median_is_the_mean_of_the_two_middle_ranks():
+    # 0-based ranks 0, 0, 3, 3: median 1.5 -> floor + 1 = 2; torch.median's lower middle would give 1
+    assert summarize(torch.tensor([0, 0, 3, 3]))["median_rank"] == 2.0
+    assert summarize(torch.tensor([1, 4]))["median_rank"] == 3.0  # median 2.5 -> 3, lower middle -> 2
+    assert summarize(torch.tensor([4, 0, 1]))["median_rank"] == 2.0  # odd count: the middle one, 1 -> 2
+    sim = torch.tensor([[0.9, 0.1, 0.1, 0.1],   # image 0: rank 0
+                        [0.1, 0.9, 0.1, 0.1],   # image 1: rank 0
+                        [0.5, 0.5, 0.2, 0.5],   # image 2: three wrong captions above -> rank 3
+                        [0.5, 0.5, 0.5, 0.2]])  # image 3: rank 3
+    m = retrieval_metrics(*features_for(sim), torch.arange(4))
+    assert m["image_to_text"]["median_rank"] == 2.0 and m["image_to_text"]["mean_rank"] == 2.5
+    assert m["text_to_image"]["median_rank"] == 1.0  # ranks 0, 0, 1, 1: median 0.5 -> 1
+
+
+def test_tiles_make_every_pair_once_within_the_bound(monkeypatch):
+    counts = [3, 0, 6, 1, 1, 2, 0, 4, 1, 2]  # image 2 has more captions than a tile is wide
+    for rows, max_matrix, largest in ((3, 12, 12), (2, 4, 6), (10, 1000, 200)):
+        plan = tile_plan(counts, rows, max_matrix)
+        starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
+        made = torch.zeros(len(counts), sum(counts), dtype=torch.long)  # (Ni, Nc) in grouped caption order
+        sizes, seen_other = [], False
+        for diagonal, c0, c1, tiles in plan:
+            seen_other |= not diagonal
+            assert not (diagonal and seen_other)  # every right score is known before other tiles are counted
+            for i0, i1, lo, hi in tiles:
+                assert c0 <= lo < hi <= c1 and i1 - i0 <= rows
+                if diagonal:  # an image block against exactly its own captions
+                    assert (lo, hi) == (starts[i0], starts[i1])
+                made[i0:i1, lo:hi] += 1
+                sizes.append((i1 - i0) * (hi - lo))
+        assert bool((made == 1).all())
+        # within max_matrix, except (2, 4): image 2 alone against its 6 captions
+        assert max(sizes) == largest and (max(sizes) <= max_matrix or max(sizes) == max(counts))
+    # and the products retrieval_ranks really makes: no similarity block beyond the bound, every pair once
+    caption_image = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    caption_image = caption_image[torch.randperm(len(caption_image), generator=torch.Generator().manual_seed(0))]
+    g = torch.Generator().manual_seed(1)
+    img = (torch.randn(len(counts), 8, generator=g) * 2).round()  # (10, 8) integers: every product exact
+    txt = (torch.randn(len(caption_image), 8, generator=g) * 2).round()  # (20, 8)
+    products, mm = [], torch.mm
+
+    def recording_mm(a, b, out=None):  # every similarity metrics.py makes comes from torch.mm
+        products.append(out.numel())
+        return mm(a, b, out=out)
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    ranks = retrieval_ranks(img, txt, caption_image, chunk=3, max_matrix=12)
+    monkeypatch.undo()
+    assert max(products) == 12 and sum(products) == len(counts) * len(caption_image)
+    want = plain_loop_ranks(img @ txt.t(), caption_image)
+    assert (ranks[0].tolist(), ranks[1].tolist()) == want
