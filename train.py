@@ -53,6 +53,9 @@ SCHEMA = Schema({
     "use-amp": (True, (bool,), "CUDA mixed precision (ignored on the CPU)"),
     "amp-dtype": ("float16", (str,), "float16 (with a grad scaler) or bfloat16", one_of("float16", "bfloat16")),
     "grad-checkpointing": (False, (bool,), "recompute activations in backward to save memory"),
+    "compile": (False, (bool,), "torch.compile both towers (the first steps are slow while it compiles)"),
+    "compile-backend": ("inductor", (str,), "torch.compile backend: inductor (fast kernels) or eager (capture "
+                        "only: a quick check that the model compiles)", one_of("inductor", "eager", "aot_eager")),
     "freeze-image": (False, (bool,), "keep the whole image tower fixed"),
     "freeze-text": (False, (bool,), "keep the whole text tower fixed"),
     "freeze-bn": (False, (bool,), "keep BatchNorm statistics and affine weights fixed"),
@@ -143,6 +146,8 @@ def run(argv):
                           f"resume with the same loss")
     if cfg["use-amp"] and device.type != "cuda":
         log(rank, "note: use-amp is ignored on the CPU (bf16 autocast is slower than fp32 on AVX2 CPUs)")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # inputs have one fixed size: pick the fastest convolution once
     amp = amp_context(device, cfg["use-amp"], cfg["amp-dtype"])
     seed_everything(cfg["seed"] + rank)
 
@@ -169,6 +174,11 @@ def run(argv):
     if cfg["grad-checkpointing"]:
         model.set_grad_checkpointing(True)
     model.to(device).to(memory_format=torch.channels_last)
+    if cfg["compile"]:
+        # in place, per tower: parameter names (and so checkpoints) stay those of the plain model, and DDP and
+        # gradient caching wrap or call the towers as before
+        model.image.compile(backend=cfg["compile-backend"])
+        model.text.compile(backend=cfg["compile-backend"], dynamic=True)  # caption length varies per batch
     max_length = min(cfg["max-length"], text_length_limit(model.text.model.config))
     if max_length < cfg["max-length"]:
         log(rank, f"note: max-length lowered to {max_length}, the most {cfg['text-model']} can take")
