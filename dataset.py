@@ -38,9 +38,10 @@ def read_captions_csv(path, columns=("filename", "caption")):
         raise DataError(f"{path} line {line} is not UTF-8 text; save the file as UTF-8") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     found = reader.fieldnames or []
-    if any(c not in found for c in columns):
+    if any(c not in found for c in columns) or any(found.count(c) > 1 for c in columns):
         header = ",".join(columns)
-        raise DataError(f"{path} must have the header '{header}', found {','.join(found) or 'nothing'}")
+        shown = ascii(",".join(found))[1:-1] if found else "nothing"  # escaped: the message stays one line
+        raise DataError(f"{path} must have the header '{header}' (each column once), found {shown[:200]}")
     try:
         return [(reader.line_num, tuple(" ".join((r[c] or "").split()) for c in columns)) for r in reader]
     except csv.Error as e:
@@ -49,7 +50,7 @@ def read_captions_csv(path, columns=("filename", "caption")):
 
 def inside(folder, name):
     """The path of `name` under `folder`, or None when it is absolute or leads outside (`..`, a symlink)."""
-    if not name or os.path.isabs(name) or "\\" in name or ".." in name.split("/"):
+    if not name or os.path.isabs(name) or "\\" in name or "\0" in name or ".." in name.split("/"):
         return None
     base = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(base, name))

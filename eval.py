@@ -10,7 +10,7 @@ The model is rebuilt from the config stored inside the checkpoint. train.py's pe
 same `engine.evaluation.evaluate`, so the two always agree.
 """
 from engine.checkpoint import load_trained
-from engine.config import Schema, at_least, format_config, load_config, one_of, positive
+from engine.config import Schema, at_least, format_config, load_config, one_of, positive, workers
 from engine.errors import run_entry
 from engine.evaluation import Encoding, evaluate
 from engine.files import write_json
@@ -22,7 +22,7 @@ SCHEMA = Schema({
     "model-path": ("checkpoints/best.pt", (str,), "checkpoint to evaluate"),
     "valid-root": ("datasets/valid", (str,), "folder with captions.csv and images/"),
     "batch-size": (128, (int,), "images or captions encoded at once", positive),
-    "num-workers": ("auto", (int, str), "image-decoding worker processes, or auto"),
+    "num-workers": ("auto", (int, str), "image-decoding worker processes, or auto", workers),
     "max-image-pixels": (40_000_000, (int,), "largest image accepted, in decoded pixels (bigger: skipped or an error)",
                          positive),
     "max-aspect-ratio": (20.0, (float,), "longest side / shortest side accepted for an image", at_least(1)),

@@ -18,7 +18,8 @@ from dataset import DataError, PairCollate, PairDataset, hold_out, image_transfo
 from engine.augment import color_jitter
 from engine import rundir
 from engine.checkpoint import load_checkpoint
-from engine.config import ConfigError, Schema, at_least, format_config, load_config, one_of, positive
+from engine.config import (ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive,
+                           workers)
 from engine.epoch import Trainer, train_one_epoch
 from engine.errors import run_entry
 from engine.evaluation import Encoding, evaluate
@@ -76,7 +77,7 @@ SCHEMA = Schema({
     "image-size": (224, (int,), "square input side in pixels", at_least(32)),
     "max-length": (64, (int,), "tokens per caption before truncation", at_least(2)),
     "use-augment": (True, (bool,), "random resized crop + colour jitter"),
-    "num-workers": ("auto", (int, str), "data-loading processes per training process, or auto"),
+    "num-workers": ("auto", (int, str), "data-loading processes per training process, or auto", workers),
     "max-image-pixels": (40_000_000, (int,), "largest image accepted, in decoded pixels (bigger: skipped or an error)",
                          positive),
     "max-aspect-ratio": (20.0, (float,), "longest side / shortest side accepted for an image", at_least(1)),
@@ -94,7 +95,7 @@ SCHEMA = Schema({
     "last-path": ("checkpoints/last.pt", (str,), "checkpoint written every epoch"),
     "overwrite": (False, (bool,), "start afresh over another run's checkpoints and log in the same folder"),
     "device": ("auto", (str,), "auto, cpu or cuda"),
-    "seed": (0, (int,), "random seed"),
+    "seed": (0, (int,), "random seed (each process adds its rank)", between(0, 2**32 - 1025)),
 })
 
 

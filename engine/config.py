@@ -5,6 +5,7 @@ the script does not know, a value of the wrong type, or one outside its allowed 
 the key; entry scripts turn it into a one-line message. `--help` lists every key with its default and help.
 """
 import argparse
+import math
 import os
 
 import yaml
@@ -19,13 +20,25 @@ class ConfigError(UserError, ValueError):
 # Value rules a schema entry may name as its fourth field: each returns None when the value is fine, else what is
 # wrong with it. None values (where allowed) are never checked.
 def positive(value):
-    return None if value > 0 else "must be greater than 0"
+    return None if value > 0 and math.isfinite(value) else "must be greater than 0 (and finite)"
 
 
 def at_least(low):
     def rule(value):
-        return None if value >= low else f"must be at least {low}"
+        return None if value >= low and math.isfinite(value) else f"must be at least {low} (and finite)"
     return rule
+
+
+def between(low, high):
+    def rule(value):
+        return None if low <= value <= high else f"must be between {low} and {high}"
+    return rule
+
+
+def workers(value):
+    """num-workers: 'auto' or a whole number >= 0."""
+    ok = value == "auto" or (isinstance(value, int) and value >= 0)
+    return None if ok else "must be 'auto' or a whole number >= 0"
 
 
 def one_of(*choices):
@@ -54,7 +67,7 @@ def _coerce(key, value, types):
             return value
     expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
     shown = "null" if value is None else repr(value)
-    raise ConfigError(f"config key '{key}' expects {expected}, got {shown}")
+    raise ConfigError(f"config key {key!r} expects {expected}, got {shown}")
 
 
 class Schema:
@@ -76,12 +89,12 @@ class Schema:
             if key not in self.entries:
                 close = [k for k in self.entries if k.replace("-", "") == key.replace("_", "").replace("-", "")]
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+                raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
             entry = self.entries[key]
             out[key] = _coerce(key, value, entry[1])
             problem = entry[3](out[key]) if len(entry) > 3 and isinstance(out[key], (int, float, str)) else None
             if problem:
-                raise ConfigError(f"config key '{key}' {problem}, got {out[key]!r} in {source}")
+                raise ConfigError(f"config key {key!r} {problem}, got {out[key]!r} in {source}")
         return out
 
     def help_text(self):
@@ -96,14 +109,16 @@ class Schema:
 
 def load_yaml(path):
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; pass an existing file with --config")
+        raise ConfigError(f"config file {path!r} does not exist; pass an existing file with --config")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
+        raise ConfigError(f"config file {path!r} must hold a mapping of key: value")
     return data
 
 
@@ -117,13 +132,13 @@ def parse_overrides(tokens):
     while i < len(tokens):
         tok = tokens[i]
         if not tok.startswith("--") or len(tok) == 2:
-            raise ConfigError(f"expected '--key value' on the command line, got '{tok}'")
+            raise ConfigError(f"expected '--key value' on the command line, got {tok!r}")
         if "=" in tok:
             key, raw = tok[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(tokens):
-                raise ConfigError(f"command-line key '{tok}' has no value; write '{tok} VALUE'")
+                raise ConfigError(f"command-line key {tok!r} has no value; write '{tok} VALUE'")
             key, raw = tok[2:], tokens[i + 1]
             i += 2
         key = key.replace("_", "-")

@@ -10,6 +10,7 @@ transforms and tokenizer call are dataset.py's, so training, evaluation and infe
 """
 import hashlib
 import os
+from collections import Counter
 
 import torch
 
@@ -138,7 +139,7 @@ def check_labels(labels):
     labels = [x for x in labels if x]
     if not labels:
         raise InferenceError("no labels given: pass at least one, e.g. --labels 'cat,dog'")
-    duplicates = sorted({x for x in labels if labels.count(x) > 1})
+    duplicates = sorted(x for x, n in Counter(labels).items() if n > 1)  # linear: a request may send many
     if duplicates:
         raise InferenceError(f"label(s) given twice: {', '.join(duplicates)}")
     return labels

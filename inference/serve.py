@@ -138,6 +138,8 @@ def search_image(request: Request, file: UploadFile = File(..., description="que
 def classify(request: Request, file: UploadFile = File(..., description="image to classify"),
              labels: str = Form(..., description="comma-separated labels, e.g. cat,dog,car")):
     svc = service(request)
+    if labels.count(",") >= MAX_LABELS:  # before any per-label work
+        raise HTTPException(422, f"at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters each")
     try:
         names = check_labels(labels.split(","))
     except InferenceError as e:
