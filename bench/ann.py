@@ -1,7 +1,7 @@
 """Approximate vs exact image search: build time, index size, queries/s and recall@10 for each FAISS index type.
 
     python -m bench.ann                                   # 1M x 512 rows; 15 min on 2 busy CPU cores
-    python -m bench.ann --n 100000 --nprobe 4,8,16 --ef-search 16,32,64 --out bench-ann-100k.json
+    python -m bench.ann --n 100000 --nprobe 4,8,16 --ef-search 16,32,64 --output bench-ann-100k.json
     PYTHONPATH=. python bench/ann.py --n 20000            # the same while bench/ is not a package yet
 
 This is a benchmark, not a test: it prints a table and writes JSON, and reports the target (an approximate
@@ -17,21 +17,21 @@ of memory while generating). Queries are fresh draws from the same clusters, kep
 returns them.
 
 The exact reference is the `flat` index: FAISS's blocked BLAS inner products over every row, the same search
-as `search.py --faiss`. Its results are the ground truth for recall. All types search the whole query batch
+as a flat index. Its results are the ground truth for recall. All types search the whole query batch
 in one call with the same thread count (--threads). A search is timed once; if that took under 5 s it is run
 twice more and the median is reported.
 """
 import argparse
-import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
+from engine.errors import run_entry
+from engine.files import write_json
 from inference import ann
 OFF_SUBSPACE_NOISE = 0.25  # isotropic noise std per dimension, relative to the clustered part's: ~6% of energy
 GENERATE_ROWS = 65536  # rows generated at a time: (65536, 512) float32 is 128 MB
@@ -130,7 +130,7 @@ def parse_args(argv):
     p.add_argument("--ef-search", type=int_list, default=[32, 64, 128, 256], help="hnsw candidates kept, e.g. 32,64")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="FAISS threads, all types")
     p.add_argument("--seed", type=int, default=0, help="data, queries and ivf training sample")
-    p.add_argument("--out", default="bench-ann.json", help="JSON results file")
+    p.add_argument("--output", default="bench-ann.json", help="JSON results file")
     a = p.parse_args(argv)
     a.types = [t.strip() for t in a.types.split(",") if t.strip()]
     if any(t not in ("ivf", "hnsw") for t in a.types):
@@ -167,15 +167,11 @@ def summarize(a, faiss, started, load_before, report, extra):
             "met_by": [{"kind": r["kind"], **r["params"]} for r in report[1:] if r["status"] == "PASS"]}
 
 
-def write_json(path, result):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
-    a = parse_args(argv)
+    return run_entry(run, parse_args(argv))
+
+
+def run(a):
     import faiss  # ann has already turned a missing package into its one-line error
     faiss.omp_set_num_threads(a.threads)
     load_before = os.getloadavg()
@@ -202,7 +198,7 @@ def main(argv=None):
         build = {"ivf": {"nlist": a.nlist, "seed": a.seed}, "hnsw": {"m": a.m, "ef_construction": a.ef_construction}}
         sweep = {"ivf": [{"nprobe": v} for v in a.nprobe], "hnsw": [{"ef_search": v} for v in a.ef_search]}
         for kind in a.types:
-            write_json(a.out, summarize(a, faiss, started, load_before, report, extra))  # kept if a timeout hits
+            write_json(a.output, summarize(a, faiss, started, load_before, report, extra))  # kept if a timeout hits
             measure(ann, kind, rows, queries, folder, build[kind], sweep[kind], exact, report)
         del rows
     extra["complete"] = True
@@ -214,13 +210,10 @@ def main(argv=None):
     print(f"{a.threads} FAISS threads on {os.cpu_count()} cores; load average {load_before[0]:.2f} before, "
           f"{result['load_average_after'][0]:.2f} after; peak resident {result['peak_resident_mb']:.0f} MB; "
           f"total {result['seconds']:.0f} s")
-    write_json(a.out, result)
-    print(f"results written to {a.out}")
+    write_json(a.output, result)
+    print(f"results written to {a.output}")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # AnnError: e.g. ivf with too few rows for its lists
-        sys.exit(f"error: {e}")
+    main()
