@@ -6,9 +6,6 @@ tests fail (never skip) with the command that installs it.
 """
 import os
 import shutil
-import socket
-import threading
-import time
 
 import pytest
 
@@ -16,6 +13,7 @@ import pytest
 from inference import index as search_index
 from inference import serve
 from inference.encoder import Encoder
+from tools.screenshot import serve_in_thread
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -24,30 +22,13 @@ LABELS = "circle, square, triangle, star"
 
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    import uvicorn
-
     index_dir = tmp_path_factory.mktemp("browser") / "index"
     search_index.build_index(Encoder(str(tiny["checkpoint"]), "cpu"), str(tiny["images"]), str(index_dir),
                              progress=False)
-    app = serve.create_app(str(tiny["checkpoint"]), str(index_dir), device="cpu")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start within 30 s")
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}/", "images": tiny["images"]}
+    server, thread, url = serve_in_thread(serve.create_app(str(tiny["checkpoint"]), str(index_dir), device="cpu"))
+    yield {"url": url, "images": tiny["images"]}
     server.should_exit = True
     thread.join(timeout=10)
 

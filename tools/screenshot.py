@@ -39,7 +39,7 @@ def serve_in_thread(app):
     thread.start()
     deadline = time.time() + 60
     while not server.started:
-        if time.time() > deadline:
+        if time.time() > deadline or not thread.is_alive():
             raise ScreenshotError("the server did not start within 60 s")
         time.sleep(0.1)
     return server, thread, f"http://127.0.0.1:{port}/"
