@@ -66,6 +66,8 @@ SCHEMA = Schema({
                      "shards/{000000..000149}.tar or pipe:..."),
     "samples-per-epoch": (None, (int, type(None)), "pairs per epoch from shards (all processes); null = "
                           "the count in the shards' sizes.json", positive),
+    "shuffle-buffer": (1000, (int,), "shards: images, and as many pairs, held per loader worker for shuffling",
+                       at_least(0)),
     "select-root": (None, (str, type(None)), "folder scored after every epoch to choose best.pt; null = hold "
                     "out select-images images of train-root"),
     "select-images": (1000, (int,), "images held out of train-root for selection when select-root is null",
@@ -187,7 +189,8 @@ def run(argv):
     if cfg["train-shards"]:
         samples = cfg["samples-per-epoch"] or count_pairs(expand_pattern(cfg["train-shards"]))
         loader = shard_loader(cfg["train-shards"], transform, collate, local_batch, cfg["num-workers"], rank,
-                              world_size, samples, cfg["seed"], min_size=cfg["image-size"],
+                              world_size, samples, cfg["seed"], shuffle_buffer=cfg["shuffle-buffer"],
+                              min_size=cfg["image-size"],
                               pin_memory=device.type == "cuda", random_crop=cfg["use-augment"], limits=limits)
         epochs_of = loader  # set_epoch reseeds the shard order and the shuffles
     else:

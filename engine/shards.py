@@ -18,7 +18,9 @@ workers as the smallest share of shards has files (a warning says so when that i
 Epoch length. A stream has no length. With `samples_per_epoch` (global, all processes together) each process
 yields exactly `samples_per_epoch // (batch_size * world_size)` full batches per epoch, however many shards it
 holds: its shards are read round after round (reshuffled each round) until that count, so no process waits
-at a collective for a batch that never comes. Without it, a single process reads every shard once and one
+at a collective for a batch that never comes. Each round is a pipeline of its own whose shuffle buffers drain at
+its end, so a round yields every readable pair of its shards once (a batch may span two rounds): with
+samples_per_epoch equal to the pairs in the shards and one process, an epoch is one pass over every pair. Without it, a single process reads every shard once and one
 epoch is exactly one pass over every pair (each worker's last batch may be short); several processes then
 take the pair count from the `sizes.json` that `tools/shards.py` writes beside the shards.
 
@@ -119,21 +121,10 @@ class _Counts:
         return skipped
 
 
-def _shard_source(shards, cycle, rng, counts):
-    """Yield {"url"} for each shard; when cycling, again and again, reshuffled each round."""
-    order = list(shards)
-    while True:
-        good_before = counts.good
-        for url in order:
-            yield {"url": url}
-        if not cycle:
-            return
-        # the whole round has been read by now: the tar reader asks for the next url only after its last sample
-        if counts.good == good_before:
-            raise ShardError(f"no readable sample in {len(shards)} shard(s) ({shards[0]} ...); "
-                             f"check the shard files")
-        if rng is not None:
-            rng.shuffle(order)
+def _shard_source(shards):
+    """Yield {"url"} for each shard of one round."""
+    for url in shards:
+        yield {"url": url}
 
 
 def _parse(samples, counts):
@@ -194,6 +185,19 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}:{epoch}").shuffle(order)  # same on every process
         return order[self.rank::self.world_size]
 
+    def round_pairs(self, shards, seed, counts):
+        """One read of `shards` as shuffled (image, caption, id, 0) pairs. Each round is its own pipeline, so the
+        shuffle buffers drain at its end: a round yields every readable pair of its shards exactly once."""
+        stages = [functools.partial(_shard_source, shards), wds.tarfile_to_samples(handler=counts.skip),
+                  functools.partial(_parse, counts=counts)]
+        if self.shuffle_buffer:  # images as bytes: cheap to hold
+            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(seed)))
+        stages.append(functools.partial(_pairs, transform=self.transform, min_size=self.min_size, counts=counts,
+                                        random_crop=self.random_crop, limits=self.limits))
+        if self.shuffle_buffer:  # spreads the captions of one image over different batches
+            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(seed + ":pairs")))
+        return wds.DataPipeline(*stages)
+
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -205,26 +209,35 @@ class ShardStream(IterableDataset):
         if not shards or quota == 0:
             return
         seed = f"{self.seed}:{epoch}:{self.rank}:{worker}"
-        shuffling = self.shuffle_buffer > 0
-        counts = _Counts()
-        stages = [
-            functools.partial(_shard_source, shards, quota is not None,
-                              random.Random(seed + ":shards") if shuffling else None, counts),
-            wds.tarfile_to_samples(handler=counts.skip),
-            functools.partial(_parse, counts=counts)]
-        if shuffling:  # images as bytes: cheap to hold
-            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(seed)))
-        stages.append(functools.partial(_pairs, transform=self.transform, min_size=self.min_size, counts=counts,
-                                        random_crop=self.random_crop, limits=self.limits))
-        if shuffling:  # spreads the captions of one image over different batches
-            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
-                                      rng=random.Random(seed + ":pairs")))
-        stages.append(wds.batched(self.batch_size, collation_fn=self.collate_fn, partial=quota is None))
-        for n, batch in enumerate(wds.DataPipeline(*stages), 1):
+        order_rng = random.Random(seed + ":shards") if self.shuffle_buffer else None
+        order = list(shards)  # round 0 in the epoch's order (rank_shards); later rounds reshuffled
+        counts, pending, produced, round_no = _Counts(), [], 0, 0
+        while True:  # rounds over this worker's shards: one without a quota, as many as the quota needs with one
+            good_before = counts.good
+            for pair in self.round_pairs(order, f"{seed}:{round_no}", counts):
+                pending.append(pair)
+                if len(pending) == self.batch_size:  # a batch may span the end of one round and the next
+                    batch, pending = self.collate_fn(pending), []
+                    batch["skipped"] += counts.take()
+                    yield batch
+                    produced += 1
+                    if produced == quota:
+                        return self.warn_left(counts, epoch, worker)
+            if quota is None:
+                break
+            if counts.good == good_before:  # a whole round without one readable sample: never spin
+                raise ShardError(f"no readable sample in {len(shards)} shard(s) ({shards[0]} ...); "
+                                 f"check the shard files")
+            if order_rng is not None:
+                order_rng.shuffle(order)
+            round_no += 1
+        if pending:  # one pass: the last, short batch
+            batch = self.collate_fn(pending)
             batch["skipped"] += counts.take()
             yield batch
-            if n == quota:
-                break
+        self.warn_left(counts, epoch, worker)
+
+    def warn_left(self, counts, epoch, worker):
         left = counts.take()
         if left:
             warnings.warn(f"{left} bad shard sample(s) skipped after the last batch of epoch {epoch} "
