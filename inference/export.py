@@ -76,11 +76,11 @@ def export(encoder, out):
 def _export_graphs(model, images, ids, mask, paths):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes, which are constant here
-        torch.onnx.export(ImageTower(model), (images,), paths["image"],
+        torch.onnx.export(ImageTower(model).eval(), (images,), paths["image"],
                           input_names=["pixel_values"], output_names=["image_embeds"],
                           dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
-        torch.onnx.export(TextTower(model), (ids, mask), paths["text"],
+        torch.onnx.export(TextTower(model).eval(), (ids, mask), paths["text"],
                           input_names=["input_ids", "attention_mask"], output_names=["text_embeds"],
                           dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
                                         "attention_mask": {0: "batch", 1: "sequence"},

@@ -325,8 +325,14 @@ def test_index_of_folder_without_images(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------------- ONNX export
+def test_export_leaves_the_encoder_in_eval_mode(tiny, tmp_path):
+    encoder = Encoder(str(tiny["checkpoint"]), "cpu")
+    export.export(encoder, str(tmp_path / "onnx"))
+    assert not encoder.model.training  # the tracer must not hand the model back in training mode
+
+
 def test_export_matches_pytorch(tiny, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
     import json
     paths = export.main(["--model-path", str(tiny["checkpoint"]), "--output", str(tmp_path / "onnx")])
     info = json.loads((tmp_path / "onnx" / "export.json").read_text())
