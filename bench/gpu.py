@@ -11,7 +11,6 @@ import gc
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from engine.epoch import Trainer, train_one_epoch
 from engine.errors import UserError, run_entry
 from engine.files import write_json
 from engine.optim import build_optimizer
-from engine.runtime import DeviceError, amp_context, resolve_device
+from engine.runtime import DeviceError, amp_context, resolve_device, run_process
 from engine.step import cached_step, plain_step
 from inference.encoder import Encoder
 from inference.export import export
@@ -117,7 +116,7 @@ def random_batch(size, pad=0, device=None):
 
 def child(ctx, argv, env=None):
     """Run `argv` in the repo root: its output, or a RuntimeError whose first line is the last of its stderr."""
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env, timeout=ctx.size.timeout)
+    done = run_process(argv, ctx.size.timeout, cwd=REPO, env=env)  # at a timeout, torchrun's workers stop too
     if done.returncode:
         lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
         raise RuntimeError(f"exit status {done.returncode}: {lines[-1][:250]}\n" + "\n".join(lines[-40:]))

@@ -2,6 +2,7 @@
 import contextlib
 import os
 import random
+import subprocess
 
 import numpy as np
 import torch
@@ -99,3 +100,25 @@ def gather_rng_states(world_size):
     out = [None] * world_size
     dist.all_gather_object(out, rng_state())
     return out
+
+
+def run_process(argv, timeout, **popen_kwargs):
+    """`subprocess.run(argv, capture_output=True, text=True, timeout=...)` for a command that may start torchrun.
+
+    torchrun starts its workers in sessions of their own, so killing the launcher at a timeout would leave them
+    running. Here the launcher is first asked to stop (SIGTERM, which it passes on to its workers), and killed
+    only if it has not stopped 30 s later.
+    """
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            try:
+                out, err = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            raise subprocess.TimeoutExpired(argv, timeout, out, err) from None
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+

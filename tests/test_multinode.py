@@ -92,8 +92,13 @@ def launch_two_nodes(train_args, logs, timeout=LAUNCH_TIMEOUT):
     finally:
         why = f"killed at the {timeout} s timeout" if time.monotonic() >= deadline else "killed: the other failed"
         killed = [p.poll() is None for p in procs]
-        for p in procs:
+        for p in procs:  # SIGTERM first: torchrun passes it on to its workers, which run in sessions of their own
             if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     texts = []
