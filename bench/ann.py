@@ -12,7 +12,7 @@ are drawn in an `--intrinsic-dim`-dimensional space, each row is its centre plus
 times the centres' own scale there (so clusters overlap, and a query's true neighbours often lie in other
 clusters: the run prints how often), then mapped to `--dim` dimensions by one fixed random linear map, given a
 little isotropic noise and L2-normalised. Rows are written in chunks straight to a float16 .npy file and read
-back as a read-only memmap, exactly as search.py stores an index (1M x 512 is 1 GB on disk, a few hundred MB
+back as a read-only memmap, exactly as inference/index.py stores an index (1M x 512 is 1 GB on disk, a few hundred MB
 of memory while generating). Queries are fresh draws from the same clusters, kept in float32 as an encoder
 returns them.
 

@@ -79,7 +79,7 @@ class Workspace:
 
     @property
     def resized(self):
-        """The same images with the short side at 256, as `prepare_data.py --resize 256` writes them."""
+        """The same images with the short side at 256, as `python -m tools.prepare_data --resize 256` writes them."""
         if self._resized is None:
             self._resized = os.path.join(self.folder, "resized256")
             source = self.photos

@@ -51,7 +51,7 @@ def tiny_train_args(data, out, *extra):
             "--train-root", str(data / "train"), "--valid-root", str(data / "valid"),
             "--text-model", str(data / "text"), "--demo-data", "false",
             "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-steps", "2",
-            "--num-workers", "0", "--device", "cpu", "--select-images", "4",
+            "--num-workers", "0", "--device", "cpu", "--select-images", "4", "--report-every-epoch", "false",
             "--last-path", str(out / "last.pt"), "--best-path", str(out / "best.pt"), *extra]
 
 

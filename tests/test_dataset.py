@@ -18,7 +18,7 @@ def save(img, root, name, **kw):
 
 def test_missing_column_is_a_clear_error(tmp_path):
     write_csv(tmp_path, [("a.jpg", "x")], header=("file", "caption"))
-    with pytest.raises(DataError, match="must have the header 'filename,caption', found file,caption"):
+    with pytest.raises(DataError, match="must have the header 'filename,caption' \(each column once\), found file,caption"):
         read_captions(str(tmp_path))
 
 
