@@ -5,12 +5,12 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from engine import step as step_module
 from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss
-from tests.helpers import B, ROOT, NoScaler, assert_same, free_port, grads, tiny_batch, tiny_model, tiny_train_args
+from tests.helpers import (B, ROOT, NoScaler, assert_same, free_port, grads, spawn, tiny_batch, tiny_model,
+                           tiny_train_args)
 
 def chunked_reference(model, batch, micro):
     """The full-batch loss on features encoded chunk by chunk *with* graphs: same dropout draws as GradCache."""
@@ -107,14 +107,8 @@ def test_two_processes_match_one_process(tiny_data, micro, tmp_path):
     out = plain_step(model, ContrastiveLoss(), tiny_batch(text_dir), torch.autocast("cpu", enabled=False),
                      NoScaler())
     opt.step()
-    ctx = mp.get_context("spawn")
-    port, result_path = free_port(), tmp_path / "rank0.pt"
-    procs = [ctx.Process(target=ddp_worker, args=(r, 2, port, text_dir, micro, result_path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    result_path = tmp_path / "rank0.pt"
+    spawn(ddp_worker, text_dir, micro, result_path)
     loss, state = torch.load(result_path)
     assert loss == pytest.approx(out["loss"].item(), abs=1e-5)
     for k, v in model.state_dict().items():

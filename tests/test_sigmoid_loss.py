@@ -5,12 +5,11 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss, SigmoidLoss, make_loss
-from tests.helpers import B, NoScaler, assert_same, free_port, grads, tiny_batch, tiny_model
+from tests.helpers import B, NoScaler, assert_same, grads, spawn, tiny_batch, tiny_model
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 
@@ -105,17 +104,6 @@ def feature_worker(rank, world_size, port, result_dir):
     torch.save(feature_grads(img[part], txt[part], FEAT_IDS[part], rank, world_size),
                os.path.join(result_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
-
-
-def spawn(target, *args):
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(r, 2, port, *args)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
 
 
 def test_two_processes_give_the_loss_and_gradients_of_one(tmp_path):
