@@ -167,7 +167,8 @@ def run(argv):
     pairs = None if cfg["train-shards"] else read_captions(cfg["train-root"])
     select_root, select_files = selection_split(cfg, pairs, ckpt)
     for root in {select_root, cfg["valid-root"]}:  # check both folders before hours of training
-        PairDataset(root, transform=None, only=select_files if root == select_root else None)
+        PairDataset(root, transform=None, only=select_files if root == select_root else None,
+                    pairs=pairs if root == cfg["train-root"] else None)  # train-root's CSV is read once
     if os.path.abspath(cfg["valid-root"]) in (os.path.abspath(cfg["train-root"]), os.path.abspath(select_root)):
         log(rank, "warning: valid-root is also the training or selection data, so its scores are not a fair report")
 
