@@ -20,19 +20,6 @@ MAX_MATRIX = 2**20  # similarities in one tile: 4 MiB of float32, plus 4 MiB for
 BLOCK_IMAGES = 512  # images per tile: tiles are 512 images x 2048 captions (fewer, larger products than 256 x 1024)
 
 
-def caption_table(caption_image, num_images):
-    """(Ni, M) indices of each image's captions, M = the most captions any image has (at least 1); -1 pads."""
-    counts = torch.bincount(caption_image, minlength=num_images)  # (Ni,)
-    order = torch.argsort(caption_image, stable=True)  # caption indices grouped by image
-    image = caption_image[order]
-    first = torch.cumsum(counts, 0) - counts  # (Ni,) where each image's group starts in `order`
-    slot = torch.arange(len(order), device=order.device) - first[image]  # position inside the group
-    width = max(1, int(counts.max())) if len(counts) else 1
-    table = torch.full((num_images, width), -1, dtype=torch.long, device=caption_image.device)
-    table[image, slot] = order
-    return table
-
-
 def image_blocks(counts, rows, width):
     """Cut images 0..Ni-1 into runs of at most `rows` images having at most `width` captions in all (an image
     with more captions than that is a run alone) -> [(i0, i1)]. `counts` (Ni,) is each image's caption count."""
