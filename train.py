@@ -143,7 +143,8 @@ def run(argv):
         if note:
             log(rank, note)
     barrier()
-    ckpt = load_checkpoint(cfg["load-path"], map_location=device) if cfg["load-checkpoint"] else None
+    # onto the CPU: load_state_dict copies each tensor to its parameter's device, and RNG states must stay there
+    ckpt = load_checkpoint(cfg["load-path"], map_location="cpu") if cfg["load-checkpoint"] else None
     if ckpt is not None and ckpt["config"].get("loss", "infonce") != cfg["loss"]:
         raise ConfigError(f"{cfg['load-path']} was trained with loss {ckpt['config'].get('loss', 'infonce')}; "
                           f"resume with the same loss")
@@ -224,7 +225,8 @@ def run(argv):
         loss_fn.load_state_dict(ckpt.get("loss", {}))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without fp16 AMP; a scaler that is on now keeps its initial scale
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_epoch, best, best_epoch = ckpt["epoch"] + 1, ckpt["best_rsum"], ckpt.get("best_epoch")
         if rank == 0:

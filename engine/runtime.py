@@ -47,16 +47,19 @@ def rng_state():
     """Every random stream a run draws from (Python, NumPy, torch CPU and CUDA), to save or to replay."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's GPU only: under torchrun every rank sees all the node's GPUs, and a resume may see fewer
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state):
+    """Restore what `rng_state` saved. The generator states must be CPU byte tensors, wherever a checkpoint's
+    tensors were loaded to."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"].cpu())  # onto the current device, set by resolve_device
 
 
 def init_distributed(device_name):
