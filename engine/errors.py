@@ -23,12 +23,17 @@ USER_ERRORS = (UserError, ModelError)
 
 
 def run_entry(fn, *args, cleanup=None):
-    """Call `fn(*args)`; a user error becomes one line on stderr and exit status 1. `cleanup` always runs."""
+    """Call `fn(*args)`; a user error becomes one line on stderr and exit status 1, Ctrl-C (or a timeout's
+    SIGINT) one line and the shell's status 130. `cleanup` always runs."""
     try:
         return fn(*args)
     except USER_ERRORS as e:
         message = " ".join(str(e).split())  # one line, whatever the message held
         sys.exit(f"error: {message}")
+    except KeyboardInterrupt:
+        # every file is written whole or not at all (engine/files.atomic_write): what was saved before stays
+        print("interrupted: files already written are kept", file=sys.stderr)
+        sys.exit(130)
     finally:
         if cleanup is not None:
             cleanup()

@@ -109,8 +109,9 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypa
         return real_evaluate(*a, **k)
 
     monkeypatch.setattr(train, "evaluate", dying_evaluate)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line and the shell's status 130
         train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--use-augment", "true"))
+    assert stopped.value.code == 130
     monkeypatch.setattr(train, "evaluate", real_evaluate)
     assert load_checkpoint(str(interrupted / "last.pt"))["epoch"] == 1
     # ... then resumed: the weights must equal those of the uninterrupted run.
