@@ -7,14 +7,12 @@
 Random weights, nothing downloaded. On the CPU the autocast rows are SKIP; every other row runs the same code.
 """
 import argparse
-import gc
 import json
 import os
 import random
 import sys
 import tempfile
 import time
-import traceback
 from collections import namedtuple
 from functools import partial
 from types import SimpleNamespace
@@ -22,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from bench.scaling import build
+from bench.table import Table
 from dataset import normalize, read_captions
 from engine.checkpoint import load_checkpoint
 from engine.epoch import Trainer, train_one_epoch
@@ -38,7 +37,8 @@ from tools import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("train", "gradients", "torchrun", "inference", "memory", "compile")  # compile last: the slowest
-PAD, TRAIN_STEPS, COMPILE_PADDING = 1, 5, (0, 8, 16)  # RoBERTa's padding id; a compiled step per extra padding
+PAD, TRAIN_STEPS, COMPILE_PADDING = 1, 5, (0, 8, 16, 0, 8)  # RoBERTa's padding id; a compiled step per padding
+# (fp16 AMP may skip the first steps while the grad scaler backs off: five leave room for the loss to fall)
 
 # What "the same" means. Gradients: |g - g_plain| / |g_plain| over the flattened parameter gradient; fp16 autocast
 # rounds activations to 11 bits and chunks pick other kernels (~1e-3 expected), fp32 differs in summation order.
@@ -51,40 +51,6 @@ COSINE_MIN = {"cuda": 0.999, "cpu": 0.99999}  # Encoder features on the device (
 Size = namedtuple("Size", "image_model image_size text_layers text_hidden tokens batch micro lr memory timeout")
 GPU = Size("resnet50", 224, 12, 768, 32, 32, 8, 1e-4, (192, 48, 224), 240)
 CPU = Size("resnet18", 32, 2, 64, 16, 16, 4, 1e-5, (16, 4, 32), 240)
-
-
-class Table(list):
-    """Rows as they finish: PASS or FAIL with the measured value against its criterion, SKIP with a reason."""
-
-    def add(self, check, item, precision, measure):
-        """`measure()` -> (ok, measured, criterion, values), or None when it added rows of its own; a string is a
-        SKIP row's reason. An exception is a FAIL row with its first line (and its traceback in the JSON)."""
-        start = time.perf_counter()
-        if isinstance(measure, str):
-            return self.put(check, item, precision, "SKIP", "", "", measure, {})
-        try:
-            if (result := measure()) is None:
-                return
-            ok, measured, criterion, values = result
-            reason = None if ok else "criterion not met"
-        except Exception as e:  # a broken row is reported, and the other rows still run
-            first = (str(e).strip().splitlines() or [""])[0]
-            ok, measured, criterion, reason = False, "", "", f"{type(e).__name__}: {first}"[:300]
-            values = {"traceback": traceback.format_exc()[-4000:]}
-        finally:
-            gc.collect()
-            torch.cuda.empty_cache()  # the next row, or a child process, gets the memory back (no-op on the CPU)
-        self.put(check, item, precision, "PASS" if ok else "FAIL", measured, criterion, reason, values,
-                 time.perf_counter() - start)
-
-    def put(self, check, item, precision, status, measured, criterion, reason, values, seconds=0.0):
-        self.append(dict(check=check, item=item, precision=precision, status=status, measured=measured,
-                         criterion=criterion, reason=reason, seconds=round(seconds, 2), values=values))
-        print(f"{status:<4}  {check}: {item} [{precision}] {measured or reason}", flush=True)
-
-    def format(self):
-        return "\n".join(f"{r['check']:<10} {r['item']:<46} {r['precision']:<22} {r['status']:<4}  {r['measured']} "
-                         f"{r['reason'] or ''}  {r['criterion']}  ({r['seconds']:.1f} s)" for r in self)
 
 
 def random_model(ctx, dropout=True):
@@ -193,14 +159,15 @@ def check_gradients(ctx, table):
 
 
 def demo_run(ctx):
-    """Demo data and one epoch of train.py under torchrun on the device, made on the first call; returns the paths."""
+    """Demo data and one epoch of train.py under torchrun on the device, made on the first call; returns the paths.
+    That epoch trains without AMP: the resume then turns fp16 AMP on, as a user may (the scaler starts afresh)."""
     d = ctx.demo
     if not d:
         d.update({k: os.path.join(ctx.folder, k) for k in ("train", "valid", "text")},
                  last=os.path.join(ctx.folder, "run", "last.pt"), best=os.path.join(ctx.folder, "run", "best.pt"))
         demo.write_split(d["valid"], random.Random(0).sample(demo.all_scenes(), 24), 1, random.Random(1))  # not 576
         demo.make_demo(d["train"], d["valid"], d["text"], train_images=48, captions_per_image=2)
-        torchrun(ctx, "--epochs", "1")
+        torchrun(ctx, "--epochs", "1", "--use-amp", "false")
         d["epoch0"] = load_checkpoint(d["last"])["log_line"]
     return d
 
@@ -242,8 +209,8 @@ def check_torchrun(ctx, table):
         return (worst <= RECALL_TOL[ctx.dev], f"largest recall gap {worst:g} queries; rsum {a['rsum']:.4f} vs "
                 f"{b['rsum']:.4f}", f"<= {RECALL_TOL[ctx.dev]} queries", {"gaps_in_queries": gaps, "evals": [a, b]})
 
-    table.add("torchrun", f"train.py, 1 process on {'nccl' if ctx.cuda else 'gloo'}: train, resume", ctx.precision,
-              train_and_resume)
+    table.add("torchrun", f"train.py, 1 process on {'nccl' if ctx.cuda else 'gloo'}: train, resume",
+              "fp32, resumed in fp16 AMP" if ctx.cuda else ctx.precision, train_and_resume)
     table.add("torchrun", f"eval.py {ctx.dev} = eval.py cpu", "fp32", evals_agree)
 
 
@@ -301,21 +268,27 @@ def run(argv):
                           "pass --device cpu for the tiny CPU form")
     device = resolve_device(args.device)
     cuda = torch.backends.cudnn.benchmark = device.type == "cuda"  # cuDNN autotuning on CUDA, as train.py
-    table, start = Table(), time.perf_counter()
+    card, start, size = torch.cuda.get_device_name(device) if cuda else "cpu", time.perf_counter(), GPU if cuda else CPU
+
+    def save(rows, finished=False):  # after every row: "finished" false means the run stopped before its end
+        result = {"device": card, "torch": torch.__version__, "cuda": torch.version.cuda, "size": size._asdict(),
+                  "finished": finished, "passed": finished and all(r["status"] != "FAIL" for r in rows),
+                  "seconds": round(time.perf_counter() - start, 1), "rows": rows}
+        write_json(args.output, result)
+        return result
+
+    table = Table(save)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as folder:
         # precision: of the gradients, compile, torchrun and encoder rows (fp16 autocast on CUDA, as train.yaml)
-        ctx = SimpleNamespace(device=device, dev=device.type, cuda=cuda, size=GPU if cuda else CPU, folder=folder,
-                              card=torch.cuda.get_device_name(device) if cuda else "cpu", demo={},
+        ctx = SimpleNamespace(device=device, dev=device.type, cuda=cuda, size=size, folder=folder, card=card, demo={},
                               precision="fp16 AMP" if cuda else "fp32",
                               backend="inductor" if cuda else "eager")  # eager: inductor compiles for minutes on a CPU
         for check in only:  # a row "(setup)" appears only when a check's shared setup fails
             table.add(check, "(setup)", "", lambda: RUNNERS[check](ctx, table))
+    result = save(table, finished=True)
     failed = [f"{r['check']}: {r['item']} [{r['precision']}]" for r in table if r["status"] == "FAIL"]
-    result = {"device": ctx.card, "torch": torch.__version__, "cuda": torch.version.cuda, "size": ctx.size._asdict(),
-              "passed": not failed, "seconds": round(time.perf_counter() - start, 1), "rows": table}
-    write_json(args.output, result)
     print(f"\n{table.format()}\n\n{len(table) - len(failed)} of {len(table)} rows passed or skipped in "
-          f"{result['seconds']:.0f} s on {ctx.card}; written to {args.output}")
+          f"{result['seconds']:.0f} s on {card}; written to {args.output}")
     if failed:
         raise UserError(f"{len(failed)} row(s) FAILED: {'; '.join(failed)}; see the table above and {args.output}")
     return result

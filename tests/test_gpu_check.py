@@ -95,3 +95,18 @@ def test_cuda_without_a_gpu_and_unknown_checks_are_one_line_errors(tmp_path, mon
     with pytest.raises(SystemExit) as e:
         gpu.main(["--device", "cpu", "--only", "train,gpu"])
     assert e.value.code == 2 and "--only takes a comma-separated subset of train," in capsys.readouterr().err
+
+
+def test_rows_are_saved_as_they_finish_so_a_stopped_run_keeps_them(tmp_path, one_thread, monkeypatch, capsys):
+    def stopped(*args):  # what a timeout's signal does in the middle of the gradients check
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu, "cached_step", stopped)
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["--device", "cpu", "--only", "train,gradients", "--output", str(tmp_path / "g.json")])
+    assert e.value.code == 130 and capsys.readouterr().err.splitlines()[-1].startswith("interrupted: files")
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert not saved["finished"] and not saved["passed"]
+    assert [(r["check"], r["status"]) for r in saved["rows"]] == [("train", "PASS"), ("train", "SKIP"),
+                                                                   ("train", "SKIP")]
+    assert falling(saved["rows"][0]["values"]["losses"])
