@@ -27,7 +27,7 @@ from engine.epoch import Trainer, train_one_epoch
 from engine.errors import UserError, run_entry
 from engine.files import write_json
 from engine.optim import build_optimizer
-from engine.runtime import DeviceError, amp_context, resolve_device, run_process
+from engine.runtime import DeviceError, amp_context, resolve_device, rng_state, run_process, set_rng_state
 from engine.step import cached_step, plain_step
 from inference.encoder import Encoder
 from inference.export import export
@@ -89,8 +89,9 @@ def child(ctx, argv, env=None):
     return done.stdout
 
 
-def train_steps(ctx, amp_dtype, batches, backend=None):
-    """One train_one_epoch call (one step) per batch as train.py trains, after compiling as it does with `backend`."""
+def train_steps(ctx, amp_dtype, batches, backend=None, micro=None, replay=False):
+    """One train_one_epoch call (one step) per batch as train.py trains, after compiling as it does with `backend`,
+    with gradient caching in chunks of `micro` when set. `replay`: also measure `replay_cosine` afterwards."""
     model, loss_fn = random_model(ctx), ContrastiveLoss()
     if backend:
         model.image.compile(backend=backend)
@@ -99,15 +100,33 @@ def train_steps(ctx, amp_dtype, batches, backend=None):
     cfg = {"learning-rate": ctx.size.lr, "weight-decay": 0.05, "warmup-steps": 0, "use-amp": amp_dtype is not None,
            "amp-dtype": amp_dtype or "float16"}
     trainer = Trainer(model, loss_fn, *build_optimizer(model, cfg, len(batches), ctx.device), amp, ctx.device,
-                      grad_clip=1.0)
+                      micro_batch=micro, grad_clip=1.0)
     losses, seconds = [], []
     for step, batch in enumerate(batches):
         start = time.perf_counter()
         losses.append(train_one_epoch(trainer, [dict(batch, skipped=0)], step, show_progress=False)["loss"])
         seconds.append(round(time.perf_counter() - start, 3))
-    return (bool(torch.isfinite(torch.tensor(losses)).all()) and losses[-1] < losses[0], f"loss {losses[0]:.4f} -> "
-            f"{losses[-1]:.4f}; steps {seconds[0]:.1f} s, then {seconds[-1]:.2f} s", "finite, last < first",
-            {"losses": losses, "step_seconds": seconds})
+    ok, measured = bool(torch.isfinite(torch.tensor(losses)).all()) and losses[-1] < losses[0], ""
+    values = {"losses": losses, "step_seconds": seconds}
+    if replay:
+        values["replay_cosine"] = cos = replay_cosine(ctx, model, amp, micro)
+        ok, measured = ok and cos >= COSINE_MIN[ctx.dev], f"; dropout replay cosine {cos:.6f}"
+    return (ok, f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; steps {seconds[0]:.1f} s, then {seconds[-1]:.2f} s"
+            + measured, "finite, last < first" + f"; replay >= {COSINE_MIN[ctx.dev]}" * replay, values)
+
+
+def replay_cosine(ctx, model, amp, rows):
+    """Least cosine between the features of a no-grad forward and of a forward with grad after restoring the RNG,
+    dropout on: cached_step's two passes, which must draw the same dropout masks (compiled, they run two graphs)."""
+    batch = random_batch(ctx.size._replace(batch=rows), device=ctx.device)
+    saved = rng_state()
+    with torch.no_grad(), amp:
+        first = model(batch["images"], batch["input_ids"], batch["attention_mask"])[:2]
+    set_rng_state(saved)
+    with amp:
+        second = model(batch["images"], batch["input_ids"], batch["attention_mask"])[:2]
+    return min(float(torch.nn.functional.cosine_similarity(a.float(), b.detach().float()).min())
+               for a, b in zip(first, second))
 
 
 def check_train(ctx, table):
@@ -120,9 +139,14 @@ def check_train(ctx, table):
 
 
 def check_compile(ctx, table):
+    amp = "float16" if ctx.cuda else None
     table.add("compile", f"{len(COMPILE_PADDING)} steps, padding {COMPILE_PADDING}, backend {ctx.backend}",
-              ctx.precision, lambda: train_steps(ctx, "float16" if ctx.cuda else None,
-                                                 [random_batch(ctx.size, pad) for pad in COMPILE_PADDING], ctx.backend))
+              ctx.precision, lambda: train_steps(ctx, amp, [random_batch(ctx.size, pad) for pad in COMPILE_PADDING],
+                                                 ctx.backend))
+    small = SimpleNamespace(**{**vars(ctx), "size": CPU})  # the tiny towers: two more graphs compile in seconds
+    table.add("compile", f"{TRAIN_STEPS} cached steps, micro {CPU.micro} of {CPU.batch}, small towers; replay",
+              ctx.precision, lambda: train_steps(small, amp, [random_batch(CPU)] * TRAIN_STEPS, ctx.backend,
+                                                 CPU.micro, replay=True))
 
 
 def check_gradients(ctx, table):

@@ -50,9 +50,10 @@ def test_cpu_form_passes_every_check_with_its_measured_values(tmp_path, one_thre
         assert v["tolerance"] == gpu.GRAD_TOL["fp32"] == 1e-4 and v["relative_error"] <= 1e-4
         assert v["loss"] == pytest.approx(v["plain_loss"], abs=1e-5)
 
-    (compiled,) = rows["compile"]
+    compiled, cached = rows["compile"]
     assert "backend eager" in compiled["item"] and len(compiled["values"]["losses"]) == len(gpu.COMPILE_PADDING)
-    assert falling(compiled["values"]["losses"])
+    assert falling(compiled["values"]["losses"]) and falling(cached["values"]["losses"])
+    assert cached["values"]["replay_cosine"] >= gpu.COSINE_MIN["cpu"]
 
     resumed, evals = rows["torchrun"]
     assert [e["epoch"] for e in resumed["values"]["epochs"]] == [0, 1]
@@ -110,3 +111,13 @@ def test_rows_are_saved_as_they_finish_so_a_stopped_run_keeps_them(tmp_path, one
     assert [(r["check"], r["status"]) for r in saved["rows"]] == [("train", "PASS"), ("train", "SKIP"),
                                                                    ("train", "SKIP")]
     assert falling(saved["rows"][0]["values"]["losses"])
+
+
+def test_the_replay_row_fails_when_pass_two_draws_other_dropout_masks(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(gpu, "set_rng_state", lambda state: None)  # the RNG is not restored between the passes
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["--device", "cpu", "--only", "compile", "--output", str(tmp_path / "c.json")])
+    assert "compile: 5 cached steps" in str(e.value.code)
+    plain, cached = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert plain["status"] == "PASS" and cached["status"] == "FAIL"
+    assert cached["values"]["replay_cosine"] < gpu.COSINE_MIN["cpu"]
