@@ -1,0 +1,48 @@
+"""Bad input from a user, each case as a reviewer met it: a clear one-line error that says what to do, nothing
+already written lost, and values (not just "it ran") checked."""
+import os
+
+import pytest
+from PIL import Image
+
+from dataset import PairDataset, read_captions, read_captions_csv
+from engine.errors import DataError
+from tests.helpers import write_csv
+
+
+def image_folder(root, *names):
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    for name in names:
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(os.path.join(root, "images", name))
+
+
+# ---------------------------------------------------------------------------------------------- captions.csv
+
+def test_unquoted_commas_are_an_error_naming_the_line(tmp_path):
+    image_folder(tmp_path, "00000.jpg", "00001.jpg")
+    (tmp_path / "captions.csv").write_text("filename,caption\n00000.jpg,a dog\n00001.jpg,a,b,c\n")
+    with pytest.raises(DataError) as e:
+        read_captions(str(tmp_path))
+    assert str(e.value) == (f"{tmp_path}/captions.csv line 3 has 4 fields, more than the header's 2; put captions "
+                            f"that contain commas in double quotes")
+
+
+def test_line_numbers_are_where_a_row_starts(tmp_path):
+    path = tmp_path / "captions.csv"
+    path.write_text('filename,caption\na.jpg,"two\nlines"\nb.jpg,x\n\nc.jpg,y\n')
+    assert read_captions_csv(str(path)) == [(2, ("a.jpg", "two lines")), (4, ("b.jpg", "x")), (6, ("c.jpg", "y"))]
+    rows = [f"{i:05d}.jpg,caption {i}" for i in range(180)]  # lines 2-181
+    path.write_text("\n".join(["filename,caption", *rows, "00999.jpg," + "x" * 1_000_000, "00998.jpg,ok"]) + "\n")
+    with pytest.raises(DataError, match=r"captions.csv line 182 is not valid CSV \(field larger than field limit"):
+        read_captions_csv(str(path))
+
+
+def test_two_spellings_of_one_file_are_one_image(tmp_path):
+    image_folder(tmp_path, "00000.jpg", "00001.jpg")
+    write_csv(tmp_path, [("./00000.jpg", "a red circle"), ("00000.jpg", "a big red circle"),
+                         ("images/../00001.jpg", "a blue star"), (".//00000.jpg", "a red circle")])
+    with pytest.warns(UserWarning, match=r"dropped 1 exact duplicate row"):
+        dataset = PairDataset(str(tmp_path), transform=None)
+    assert dataset.pairs == [("00000.jpg", "a red circle"), ("00000.jpg", "a big red circle"),
+                             ("00001.jpg", "a blue star")]
+    assert dataset.image_files == ["00000.jpg", "00001.jpg"] and dataset.image_ids == [0, 0, 1]
