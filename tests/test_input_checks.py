@@ -1,13 +1,16 @@
 """Bad input from a user, each case as a reviewer met it: a clear one-line error that says what to do, nothing
 already written lost, and values (not just "it ran") checked."""
 import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
-from dataset import PairDataset, read_captions, read_captions_csv
-from engine.errors import DataError
-from tests.helpers import write_csv
+from dataset import PairDataset, image_transform, read_captions, read_captions_csv
+from engine.errors import DataError, run_entry
+from engine.shards import shard_loader
+from tests.helpers import ROOT, write_csv
 
 
 def image_folder(root, *names):
@@ -46,3 +49,37 @@ def test_two_spellings_of_one_file_are_one_image(tmp_path):
     assert dataset.pairs == [("00000.jpg", "a red circle"), ("00000.jpg", "a big red circle"),
                              ("00001.jpg", "a blue star")]
     assert dataset.image_files == ["00000.jpg", "00001.jpg"] and dataset.image_ids == [0, 0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- what an entry prints
+
+def test_warnings_print_as_one_line_and_pils_bomb_warning_not_at_all(tmp_path):
+    Image.new("RGB", (12, 12)).save(tmp_path / "big.png")  # 144 pixels: over a limit of 100, under twice it
+    code = f"""if True:
+        import warnings
+        from PIL import Image
+        from engine.errors import run_entry
+
+        def entry():
+            warnings.warn("captions.csv: dropped 10 exact duplicate row(s)\\nkept once")
+            Image.MAX_IMAGE_PIXELS = 100
+            Image.open({str(tmp_path / "big.png")!r}).load()
+
+        run_entry(entry)
+        warnings.warn("outside an entry")
+        """
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 0 and lines[0] == "warning: captions.csv: dropped 10 exact duplicate row(s) kept once"
+    assert "UserWarning: outside an entry" in lines[1]  # Python's own format is back once the entry returns
+    assert "DecompressionBomb" not in done.stderr and len(lines) == 2, done.stderr
+
+
+def test_an_error_in_a_loader_worker_is_its_own_one_line_message(tmp_path):
+    (tmp_path / "000000.tar").write_bytes(b"not a tar file at all" * 50)
+    loader = shard_loader(str(tmp_path / "000000.tar"), image_transform(16), lambda items: items, batch_size=2,
+                          num_workers=1, samples_per_epoch=4, shuffle_buffer=0)
+    with pytest.raises(SystemExit) as e:
+        run_entry(lambda: list(loader))
+    assert str(e.value) == (f"error: no readable sample in 1 shard(s) ({tmp_path / '000000.tar'} ...); "
+                            f"check the shard files")
