@@ -7,10 +7,12 @@ import sys
 import pytest
 from PIL import Image
 
+import train
 from dataset import PairDataset, image_transform, read_captions, read_captions_csv
+from engine.config import ConfigError, load_config
 from engine.errors import DataError, run_entry
 from engine.shards import shard_loader
-from tests.helpers import ROOT, write_csv
+from tests.helpers import DEMO_CONFIG, ROOT, write_csv
 
 
 def image_folder(root, *names):
@@ -83,3 +85,38 @@ def test_an_error_in_a_loader_worker_is_its_own_one_line_message(tmp_path):
         run_entry(lambda: list(loader))
     assert str(e.value) == (f"error: no readable sample in 1 shard(s) ({tmp_path / '000000.tar'} ...); "
                             f"check the shard files")
+
+
+# ---------------------------------------------------------------------------------------------- config files
+
+def test_a_key_set_twice_in_a_config_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nseed: 1\nepochs: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(train.SCHEMA, ["--config", str(path)], "unused.yaml", "")
+    assert str(e.value) == f"config file '{path}': key 'epochs' is set twice, on lines 1 and 3; keep one"
+
+
+@pytest.mark.parametrize("key,meant", [("lerning-rate", "learning-rate"), ("warmup-step", "warmup-steps"),
+                                       ("batchsize", "batch-size"), ("text-modle", "text-model")])
+def test_a_misspelt_key_gets_the_key_it_was_meant_to_be(key, meant):
+    with pytest.raises(ConfigError, match=rf"unknown config key '{key}' in the command line \(did you mean '{meant}'"):
+        load_config(train.SCHEMA, ["--config", DEMO_CONFIG, f"--{key}", "1"], "unused.yaml", "")
+
+
+def test_a_folder_given_as_config_is_called_a_folder(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(tmp_path)])
+    assert str(e.value) == f"error: config file '{tmp_path}' is a folder; pass a YAML file with --config"
+
+
+def test_help_shows_the_defaults_the_config_file_sets(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_config(train.SCHEMA, ["--config", DEMO_CONFIG, "--help"], "unused.yaml", "")
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  --")}
+    assert e.value.code == 0
+    assert lines["--epochs"].endswith(f"(default: 4, from {DEMO_CONFIG})")  # the built-in default is 200
+    assert lines["--weight-decay"].endswith("(default: 0.05)")  # what demo.yaml and the built-in agree on
+    with pytest.raises(SystemExit):
+        load_config(train.SCHEMA, ["--help"], os.path.join(ROOT, "configs", "train.yaml"), "")
+    assert "(default: 0.0001, from " in capsys.readouterr().out  # projection-learning-rate of train.yaml
