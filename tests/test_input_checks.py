@@ -13,6 +13,7 @@ from engine.config import ConfigError, load_config
 from engine.errors import DataError, run_entry
 from engine.shards import shard_loader
 from tests.helpers import DEMO_CONFIG, ROOT, write_csv
+from tools import demo
 
 
 def image_folder(root, *names):
@@ -120,3 +121,17 @@ def test_help_shows_the_defaults_the_config_file_sets(capsys):
     with pytest.raises(SystemExit):
         load_config(train.SCHEMA, ["--help"], os.path.join(ROOT, "configs", "train.yaml"), "")
     assert "(default: 0.0001, from " in capsys.readouterr().out  # projection-learning-rate of train.yaml
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+def test_demo_says_what_exists_when_there_is_nothing_to_write(tmp_path, capsys):
+    train_root, valid_root, text = tmp_path / "train", tmp_path / "valid", tmp_path / "text"
+    for folder, name in ((train_root, "captions.csv"), (valid_root, "captions.csv"), (text, "config.json")):
+        folder.mkdir()
+        (folder / name).write_text("already here\n")  # make_demo only looks for these files
+    demo.main(["--train-root", str(train_root), "--valid-root", str(valid_root), "--text-model", str(text)])
+    assert capsys.readouterr().out == (
+        f"demo: nothing to write, the demo data already exists: training split in {train_root}, validation split "
+        f"in {valid_root}, text model in {text} (delete a folder to write it again)\n")
+    assert (train_root / "captions.csv").read_text() == "already here\n"
