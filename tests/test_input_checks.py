@@ -3,6 +3,7 @@ already written lost, and values (not just "it ran") checked."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -12,6 +13,7 @@ from dataset import PairDataset, image_transform, read_captions, read_captions_c
 from engine.config import ConfigError, load_config
 from engine.errors import DataError, run_entry
 from engine.shards import shard_loader
+from model import ModelError, load_text_model, missing_local_folder
 from tests.helpers import DEMO_CONFIG, ROOT, write_csv
 from tools import demo
 
@@ -135,3 +137,27 @@ def test_demo_says_what_exists_when_there_is_nothing_to_write(tmp_path, capsys):
         f"demo: nothing to write, the demo data already exists: training split in {train_root}, validation split "
         f"in {valid_root}, text model in {text} (delete a folder to write it again)\n")
     assert (train_root / "captions.csv").read_text() == "already here\n"
+
+
+# ---------------------------------------------------------------------------------------------- the text model
+
+@pytest.mark.parametrize("name,missing", [
+    ("pretrains/roberta-not-downloaded", True), ("./my-model", True), ("/no/such/model", True), ("a/b/c", True),
+    ("~/models/roberta", True), ("models\\roberta", True), ("roberta-base", False),
+    ("hfl/chinese-roberta-wwm-ext", False)])
+def test_a_text_model_path_that_is_not_there_is_told_from_a_hub_id(name, missing):
+    assert missing_local_folder(name) is missing
+
+
+def test_a_missing_text_model_folder_fails_at_once_saying_how_to_download_it(tmp_path):
+    folder = "pretrains/roberta-not-downloaded"
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", DEMO_CONFIG, "--demo-data", "false", "--text-model", folder, "--device", "cpu",
+                    "--last-path", str(tmp_path / "last.pt"), "--best-path", str(tmp_path / "best.pt")])
+    assert str(e.value) == (f"error: text-model '{folder}' is a local folder that does not exist; download a model "
+                            f"into it (for the default: hf download roberta-base --local-dir pretrains/roberta, see "
+                            f"pretrains/README.md) or name a hub id such as roberta-base")
+    assert time.monotonic() - start < 30  # no network retries (they took ~51 s)
+    with pytest.raises(ModelError, match="is a local folder that does not exist"):
+        load_text_model(str(tmp_path / "gone"), pretrained=False)
