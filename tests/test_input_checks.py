@@ -1,5 +1,6 @@
 """Bad input from a user, each case as a reviewer met it: a clear one-line error that says what to do, nothing
 already written lost, and values (not just "it ran") checked."""
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from engine.errors import DataError, run_entry
 from engine.shards import shard_loader
 from model import ModelError, load_text_model, missing_local_folder
 from tests.helpers import DEMO_CONFIG, ROOT, write_csv
-from tools import demo
+from tools import demo, prepare_data
 
 
 def image_folder(root, *names):
@@ -161,3 +162,86 @@ def test_a_missing_text_model_folder_fails_at_once_saying_how_to_download_it(tmp
     assert time.monotonic() - start < 30  # no network retries (they took ~51 s)
     with pytest.raises(ModelError, match="is a local folder that does not exist"):
         load_text_model(str(tmp_path / "gone"), pretrained=False)
+
+
+# ---------------------------------------------------------------------------------------------- prepare_data's output
+
+def coco_source(folder, names, size=(64, 48)):
+    """prepare_data coco arguments for images `names` (two captions each) under `folder`."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    for name in names:
+        Image.new("RGB", size, (20, 120, 200)).save(images / name)
+    annotations = folder / "captions.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": i, "file_name": name} for i, name in enumerate(names)],
+        "annotations": [{"image_id": i, "caption": f"caption {k} of {name}"} for i, name in enumerate(names)
+                        for k in range(2)]}))
+    return ["coco", "--annotations", str(annotations), "--images", str(images), "--workers", "1"]
+
+
+def listing(out):
+    return sorted(p.name for p in (out / "images").iterdir()), (out / "captions.csv").read_text()
+
+
+def test_a_finished_dataset_is_replaced_only_with_overwrite(tmp_path):
+    out = tmp_path / "out"
+    first = coco_source(tmp_path / "a", ["1.jpg", "2.jpg", "3.jpg"])
+    second = coco_source(tmp_path / "b", ["9.jpg"])
+    prepare_data.main(first + ["--output", str(out)])
+    before = listing(out)
+    assert before[0] == ["1.jpg", "2.jpg", "3.jpg"] and len(before[1].splitlines()) == 7
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main(second + ["--output", str(out)])
+    assert str(e.value) == (f"error: {out} already holds a prepared dataset ({out / 'captions.csv'}); pass "
+                            f"--overwrite true to replace it, or choose another --output")
+    assert listing(out) == before  # nothing written, nothing mixed
+    prepare_data.main(second + ["--output", str(out), "--overwrite", "true"])
+    assert listing(out) == (["9.jpg"], "filename,caption\n9.jpg,caption 0 of 9.jpg\n9.jpg,caption 1 of 9.jpg\n")
+    # an input inside the images/ that --overwrite would remove is refused, and stays
+    inner = coco_source(out / "images" / "src", ["5.jpg"])
+    with pytest.raises(SystemExit, match=r"src/captions.json is inside .*out/images, which --overwrite true would remove"):
+        prepare_data.main(inner + ["--output", str(out), "--overwrite", "true"])
+    assert (out / "images" / "src" / "images" / "5.jpg").is_file() and (out / "captions.csv").is_file()
+
+
+def test_a_stopped_run_resumes_only_with_the_settings_it_started_with(tmp_path):
+    out = tmp_path / "out"
+    source = coco_source(tmp_path / "a", ["1.jpg", "2.jpg"])
+    prepare_data.main(source + ["--output", str(out), "--resize", "32"])
+    (out / "captions.csv").unlink()  # as if killed before its last write
+    (out / "images" / "2.jpg").unlink()
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main(source + ["--output", str(out)])
+    assert str(e.value) == (f"error: {out} holds a run stopped part-way with other settings (--resize 32 then, not "
+                            f"given now); rerun with its settings to resume it, or pass --overwrite true to start "
+                            f"afresh")
+    assert not (out / "captions.csv").exists() and os.listdir(out / "images") == ["1.jpg"]
+    prepare_data.main(source + ["--output", str(out), "--resize", "32"])  # the same settings: resumed
+    assert [Image.open(out / "images" / n).size for n in ("1.jpg", "2.jpg")] == [(43, 32), (43, 32)]
+    (out / "captions.csv").unlink()
+    prepare_data.main(source + ["--output", str(out), "--overwrite"])  # afresh: linked originals, not resized
+    assert os.path.samefile(out / "images" / "2.jpg", tmp_path / "a" / "images" / "2.jpg")
+    assert json.loads((out / "prepare.json").read_text())["resize"] is None
+
+
+def test_files_no_run_recorded_are_not_mixed_into(tmp_path):
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "mine.jpg").write_bytes(b"a user's file")
+    with pytest.raises(SystemExit, match=r"out/images already holds files that no run of tools.prepare_data"):
+        prepare_data.main(coco_source(tmp_path / "a", ["1.jpg"]) + ["--output", str(out)])
+    assert os.listdir(out) == ["images"] and os.listdir(out / "images") == ["mine.jpg"]
+
+
+def test_shards_take_overwrite_true_like_every_other_entry(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "shards"
+    prepare_data.main(coco_source(tmp_path / "a", ["1.jpg", "2.jpg"]) + ["--output", str(data)])
+    argv = ["shards", "--input", str(data), "--output", str(out), "--shard-size", "1"]
+    prepare_data.main(argv)
+    with pytest.raises(SystemExit, match="already holds 2 shard.*pass --overwrite true"):
+        prepare_data.main(argv)
+    assert prepare_data.main(argv + ["--overwrite", "true"]) == {"shards": 2, "images": 2, "pairs": 4}
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main(argv + ["--overwrite", "maybe"])
+    assert e.value.code == 2 and "expected true or false, got 'maybe'" in capsys.readouterr().err
