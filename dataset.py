@@ -8,6 +8,7 @@ import csv
 import functools
 import io
 import os
+import posixpath
 import random
 import warnings
 
@@ -25,7 +26,9 @@ def read_captions_csv(path, columns=("filename", "caption")):
     """Rows of a UTF-8 CSV as tuples of `columns`, whitespace-normalised, with its line numbers: [(line, values)].
 
     The one reader of captions.csv-style files in the project. A byte-order mark (as spreadsheet programs save
-    it) is accepted; bytes that are not UTF-8 and a header without the columns are one-line DataErrors.
+    it) is accepted; bytes that are not UTF-8, a header without the columns and a row with more fields than the
+    header are one-line DataErrors naming the line where the row starts. File names (`filename`) are normalised
+    (`./a.jpg` and `a.jpg` are the same image).
     """
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: a dataset folder needs captions.csv and images/ (see datasets/README.md)")
@@ -36,16 +39,40 @@ def read_captions_csv(path, columns=("filename", "caption")):
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path} line {line} is not UTF-8 text; save the file as UTF-8") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    found = reader.fieldnames or []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, header, width, start = [], None, 0, 1
+    try:
+        for record in reader:  # reader.line_num is the line where the record ends; `start` where it began
+            if record and header is None:
+                header, width = _check_header(path, record, columns), len(record)
+            elif record:
+                if len(record) > width:
+                    raise DataError(f"{path} line {start} has {len(record)} fields, more than the header's "
+                                    f"{width}; put captions that contain commas in double quotes")
+                values = [" ".join(record[header[c]].split()) if header[c] < len(record) else "" for c in columns]
+                rows.append((start, tuple(_normalise_name(v) if c == "filename" else v
+                                          for c, v in zip(columns, values))))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path} line {start} is not valid CSV ({e})") from None
+    if header is None:
+        _check_header(path, [], columns)
+    return rows
+
+
+def _check_header(path, found, columns):
+    """{column: index} of a header row that holds each of `columns` once, else a DataError."""
     if any(c not in found for c in columns) or any(found.count(c) > 1 for c in columns):
         header = ",".join(columns)
         shown = ascii(",".join(found))[1:-1] if found else "nothing"  # escaped: the message stays one line
         raise DataError(f"{path} must have the header '{header}' (each column once), found {shown[:200]}")
-    try:
-        return [(reader.line_num, tuple(" ".join((r[c] or "").split()) for c in columns)) for r in reader]
-    except csv.Error as e:
-        raise DataError(f"{path} line {reader.line_num} is not valid CSV ({e})") from None
+    return {c: found.index(c) for c in columns}
+
+
+def _normalise_name(name):
+    """`./a.jpg`, `sub//b.jpg` -> `a.jpg`, `sub/b.jpg`: one spelling per file, so one image is counted once.
+    Names that lead outside stay outside (`x/../../a.jpg` -> `../a.jpg`), and `inside` refuses them."""
+    return posixpath.normpath(name) if name else name
 
 
 def inside(folder, name):

@@ -82,8 +82,28 @@ def text_length_limit(config):
     return limit
 
 
+def missing_local_folder(name):
+    """True when text-model `name` is meant as a local folder and is not there, so asking the hub for it would only
+    wait through its retries and fail. A hub id is `name` or `owner/name`; anything else that does not exist is
+    a missing folder: an absolute path or one starting with `.` or `~`, a backslash, more than one `/`, or a path
+    under `pretrains/` (where pretrains/README.md puts text models) or under another folder that exists here."""
+    if os.path.exists(name):
+        return False
+    first = name.split("/", 1)[0]
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or ("/" in name and (first == "pretrains" or os.path.isdir(first))))
+
+
+def _check_text_model(name):
+    if missing_local_folder(name):
+        raise ModelError(f"text-model '{name}' is a local folder that does not exist; download a model into it "
+                         f"(for the default: hf download roberta-base --local-dir pretrains/roberta, see "
+                         f"pretrains/README.md) or name a hub id such as roberta-base")
+
+
 def load_text_model(path, pretrained):
     """AutoModel from a local folder or hub id; random weights from its config when not pretrained."""
+    _check_text_model(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -103,6 +123,7 @@ def load_text_model(path, pretrained):
 
 
 def load_tokenizer(path):
+    _check_text_model(path)
     try:
         return AutoTokenizer.from_pretrained(path, use_fast=True)
     except (OSError, ValueError) as e:

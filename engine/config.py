@@ -2,9 +2,11 @@
 
 Keys are spelled with dashes, exactly as in the shipped YAML files (`batch-size`, `learning-rate`). A key that
 the script does not know, a value of the wrong type, or one outside its allowed range is a `ConfigError` naming
-the key; entry scripts turn it into a one-line message. `--help` lists every key with its default and help.
+the key; entry scripts turn it into a one-line message. `--help` lists every key with its help and the value the
+config file in use gives it.
 """
 import argparse
+import difflib
 import math
 import os
 
@@ -87,7 +89,7 @@ class Schema:
         out = {}
         for key, value in cfg.items():
             if key not in self.entries:
-                close = [k for k in self.entries if k.replace("-", "") == key.replace("_", "").replace("-", "")]
+                close = self.close_keys(key)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
             entry = self.entries[key]
@@ -97,22 +99,58 @@ class Schema:
                 raise ConfigError(f"config key {key!r} {problem}, got {out[key]!r} in {source}")
         return out
 
-    def help_text(self):
-        """Every key with its default and its help, for `--help`."""
+    def close_keys(self, key):
+        """Known keys the user probably meant: the same letters with `_` or without dashes, else a near spelling."""
+        if not isinstance(key, str):
+            return []
+        spelled = key.replace("_", "-")
+        same = [k for k in self.entries if k.replace("-", "") == spelled.replace("-", "")]
+        return same or difflib.get_close_matches(spelled, list(self.entries), n=1, cutoff=0.75)
+
+    def help_text(self, file_values=None, source=None):
+        """Every key with its help and default, for `--help`: the value of `file_values` (a checked config file,
+        `source`) where it sets the key to something other than the built-in default."""
+        file_values = file_values or {}
         width = max(len(k) for k in self.entries)
         lines = ["config keys (set in the YAML file or as --key value):"]
         for key, (default, _, text, *_) in self.entries.items():
-            shown = "null" if default is None else default
-            lines.append(f"  --{key:<{width}}  {text} (default: {shown})")
+            value = file_values.get(key, default)
+            shown = "null" if value is None else value
+            where = f", from {source}" if key in file_values and value != default else ""
+            lines.append(f"  --{key:<{width}}  {text} (default: {shown}{where})")
         return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error instead of last-one-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` is not a key of its own
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise ConfigError(f"key {key!r} is set twice, on lines {first[key]} and {line}; keep one")
+                except TypeError:  # an unhashable key: the safe loader reports it below
+                    continue
+                first[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path):
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a folder; pass a YAML file with --config")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist; pass an existing file with --config")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"config file {path!r}: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path!r} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
@@ -150,13 +188,27 @@ def parse_overrides(tokens):
 
 
 def load_config(schema, argv, default_config, description):
-    """Merge code defaults, the YAML file (`--config`, else `default_config`) and command-line overrides."""
-    parser = argparse.ArgumentParser(description=description, add_help=True, allow_abbrev=False, epilog=schema.help_text(),
+    """Merge code defaults, the YAML file (`--config`, else `default_config`) and command-line overrides.
+
+    The file is read before `--help` is answered, so the help shows the defaults as that file sets them; a file
+    that cannot be read still gets the help (with the built-in defaults) when help is asked for.
+    """
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--config", default=default_config)
+    args, rest = first.parse_known_args(argv)
+    try:
+        file_values, problem = schema.check(load_yaml(args.config), args.config), None
+    except ConfigError as e:
+        if not {"-h", "--help"} & set(rest):
+            raise
+        file_values, problem = {}, f"\n(built-in defaults shown: {e})"
+    parser = argparse.ArgumentParser(description=description, add_help=True, allow_abbrev=False,
+                                     epilog=schema.help_text(file_values, args.config) + (problem or ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config, help=f"YAML config file (default {default_config})")
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(argv)  # answers --help
     cfg = schema.defaults()
-    cfg.update(schema.check(load_yaml(args.config), args.config))
+    cfg.update(file_values)
     cfg.update(schema.check(parse_overrides(rest), "the command line"))
     return cfg
 

@@ -3,9 +3,12 @@
 Library code raises; it never calls `sys.exit`. A mistake the user can fix (a wrong path, a bad CSV, an unknown
 config key, no GPU for a GPU-only option) is raised as a `UserError` subclass whose message says what to do;
 `run_entry` prints it as `error: ...` on stderr and exits with status 1. Argument-syntax mistakes are argparse's
-business and exit with status 2.
+business and exit with status 2. While an entry runs, a warning prints as one line `warning: ...`.
 """
 import sys
+import warnings
+
+from PIL import Image
 
 from model import ModelError
 
@@ -22,18 +25,44 @@ class DataError(UserError, ValueError):
 USER_ERRORS = (UserError, ModelError)
 
 
+def one_line(text):
+    return " ".join(str(text).split())
+
+
+def original_message(error):
+    """The message of `error` as it was raised. An exception raised in a DataLoader worker comes back re-raised
+    with the worker's whole traceback as its message ("Caught ShardError in DataLoader worker process 0.
+    Original Traceback ... engine.shards.ShardError: <message>"); only <message> is for the user."""
+    text = str(error)
+    first = text.split("\n", 1)[0]
+    if first.startswith("Caught ") and "worker" in first and "\nOriginal Traceback" in text:
+        return text.rsplit(f"{type(error).__name__}: ", 1)[-1]
+    return text
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    # the file, line and source line of a warning are the library's business; the user needs the message
+    return f"warning: {one_line(message)}\n"
+
+
 def run_entry(fn, *args, cleanup=None):
     """Call `fn(*args)`; a user error becomes one line on stderr and exit status 1, Ctrl-C (or a timeout's
-    SIGINT) one line and the shell's status 130. `cleanup` always runs."""
+    SIGINT) one line and the shell's status 130. Warnings print as one line `warning: ...` meanwhile. `cleanup`
+    always runs."""
+    formatwarning = warnings.formatwarning
     try:
-        return fn(*args)
+        with warnings.catch_warnings():  # the filters and the format are restored when the entry returns
+            # decoding checks its own pixel limits (engine/images.py, max-image-pixels), which may exceed PIL's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.formatwarning = _format_warning
+            return fn(*args)
     except USER_ERRORS as e:
-        message = " ".join(str(e).split())  # one line, whatever the message held
-        sys.exit(f"error: {message}")
+        sys.exit(f"error: {one_line(original_message(e))}")
     except KeyboardInterrupt:
         # every file is written whole or not at all (engine/files.atomic_write): what was saved before stays
         print("interrupted: files already written are kept", file=sys.stderr)
         sys.exit(130)
     finally:
+        warnings.formatwarning = formatwarning
         if cleanup is not None:
             cleanup()

@@ -49,6 +49,7 @@ def test_freeze_options(tiny_data):
 def test_unknown_image_model_and_missing_text_model_are_clear(tiny_data, tmp_path):
     with pytest.raises(ModelError, match="image-model 'vit_b_16' is not a torchvision ResNet"):
         build_model(tiny_cfg(tiny_data, **{"image-model": "vit_b_16"}))
+    (tmp_path / "nothing").mkdir()  # a folder without a model (a missing one: tests/test_input_checks.py)
     with pytest.raises(ModelError, match="text-model '.*nothing' has no Hugging Face config.*pretrains/README.md"):
         load_text_model(str(tmp_path / "nothing"), pretrained=True)
 

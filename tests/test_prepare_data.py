@@ -145,9 +145,11 @@ def test_rerun_skips_finished_images_and_redoes_the_rest(coco, tmp_path):
     images = out / "images"
     # a marker in place of a finished image: a rerun must leave it alone
     Image.new("RGB", (5, 5)).save(images / "000000000001.jpg")
-    # a crash halfway through image 2: the output is missing, a half-written temp file is left
+    # a crash halfway through image 2: the output is missing, a half-written temp file is left, and
+    # captions.csv (written last) is not there yet
     (images / "000000000002.jpg").unlink()
     (images / ".000000000002.jpg.12345.partial").write_bytes(b"half")
+    (out / "captions.csv").unlink()
     prepare_data.main(argv)
     with Image.open(images / "000000000001.jpg") as image:
         assert image.size == (5, 5)
@@ -155,7 +157,7 @@ def test_rerun_skips_finished_images_and_redoes_the_rest(coco, tmp_path):
         assert image.size == (32, 64)
     assert sorted(p.name for p in images.iterdir()) == ["000000000001.jpg", "000000000002.jpg",
                                                         "000000000004.jpg"]
-    assert sorted(p.name for p in out.iterdir()) == ["captions.csv", "images", "unreadable.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["captions.csv", "images", "prepare.json", "unreadable.txt"]
 
 
 def test_flickr30k_karpathy_json_and_its_splits(tmp_path, flickr_images):

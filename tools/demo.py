@@ -134,22 +134,27 @@ def write_text_model(folder, captions, hidden=128, layers=2, max_tokens=32):
 
 
 def make_demo(train_root, valid_root, text_model, train_images=3000, captions_per_image=3, seed=0):
-    """Write whatever of the demo is missing. Validation holds each of the 576 scenes once."""
+    """Write whatever of the demo is missing; return what was written (empty when all of it was there).
+    Validation holds each of the 576 scenes once."""
     rng = random.Random(seed)
     scenes = all_scenes()
-    train_rows = None
+    train_rows, written = None, []
     if not os.path.isfile(os.path.join(train_root, "captions.csv")):
         train_rows = write_split(train_root, [rng.choice(scenes) for _ in range(train_images)],
                                  captions_per_image, rng)
         print(f"demo: wrote {len(train_rows)} training pairs to {train_root}")
+        written.append(train_root)
     if not os.path.isfile(os.path.join(valid_root, "captions.csv")):
         rows = write_split(valid_root, scenes, 1, random.Random(seed + 1))
         print(f"demo: wrote {len(rows)} validation pairs to {valid_root}")
+        written.append(valid_root)
     if not os.path.isfile(os.path.join(text_model, "config.json")):
         if train_rows is None:
             train_rows = [values for _, values in read_captions_csv(os.path.join(train_root, "captions.csv"))]
         write_text_model(text_model, [c for _, c in train_rows])
         print(f"demo: wrote a tiny text encoder and tokenizer to {text_model}")
+        written.append(text_model)
+    return written
 
 
 def main(argv=None):
@@ -163,7 +168,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.train_images < 1:
         p.error("--train-images must be at least 1")
-    make_demo(a.train_root, a.valid_root, a.text_model, a.train_images, seed=a.seed)
+    if not make_demo(a.train_root, a.valid_root, a.text_model, a.train_images, seed=a.seed):
+        print(f"demo: nothing to write, the demo data already exists: training split in {a.train_root}, "
+              f"validation split in {a.valid_root}, text model in {a.text_model} (delete a folder to write it "
+              f"again)")
 
 
 if __name__ == "__main__":

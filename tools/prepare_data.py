@@ -36,11 +36,17 @@ Options of every command:
   --skip-missing  leave out images that are missing from the image folder, with a warning,
                instead of stopping
 
+  --overwrite true  replace the dataset already in OUT (otherwise a folder with captions.csv
+               is refused)
+
 Captions are stripped and inner runs of whitespace become one space; empty captions are
 dropped. Every image and captions.csv is written to a temporary name and then renamed, so a
-file that exists is complete: a rerun skips images already present and redoes only the rest
-(a rerun with a different --resize needs a fresh OUT). Images that cannot be decoded while
-resizing are listed in OUT/unreadable.txt and their captions are left out of captions.csv.
+file that exists is complete, and captions.csv is written last. A run stopped part-way (no
+captions.csv yet) is resumed by the same command: it skips images already present and redoes
+only the rest. OUT/prepare.json records the settings a run started with; a rerun with other
+settings (e.g. another --resize) is refused, as is an OUT that already holds a finished
+dataset, unless --overwrite true (see tools/prepare_output.py). Images that cannot be decoded
+while resizing are listed in OUT/unreadable.txt and their captions are left out of captions.csv.
 """
 import argparse
 import csv
@@ -56,7 +62,7 @@ from tqdm import tqdm
 from dataset import choose_captions, inside
 from engine.errors import run_entry
 from engine.files import atomic_write, remove_stale_partials, temporary_name
-from tools import shards
+from tools import prepare_output, shards
 from tools.caption_sources import SPLITS, Item, fail, read_coco, read_flickr30k, read_prepared
 
 JPEG_QUALITY = 90
@@ -161,6 +167,7 @@ def prepare(items, args):
                                                     args.captions_per_image, args.seed))
              for item in items]
 
+    prepare_output.start(args.output, prepare_output.settings(args), args.overwrite)  # input read and checked
     images_dir = args.output / "images"
     for folder in {(images_dir / item.name).parent for item in items}:
         folder.mkdir(parents=True, exist_ok=True)
@@ -214,6 +221,8 @@ def build_parser():
                         help="processes that write images (default: all CPUs)")
     common.add_argument("--skip-missing", action="store_true",
                         help="leave out missing images with a warning instead of stopping")
+    common.add_argument("--overwrite", type=prepare_output.yes_no, nargs="?", const=True, default=False,
+                        metavar="true|false", help="replace the dataset already in --output (default: false)")
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,6 +250,8 @@ def run(args):
         fail(f"--output {args.output} is a file; pass a folder (it gets images/ and captions.csv)")
     if args.command in ("coco", "flickr30k") and not args.images.is_dir():
         fail(f"--images {args.images} is not a folder")
+    # before the input is read: a finished dataset or another run's part is never written over unasked
+    prepare_output.refuse_or_resume(args.output, prepare_output.settings(args), args.overwrite)
     if args.command == "coco":
         items = read_coco(args.annotations, args.images)
     elif args.command == "flickr30k":

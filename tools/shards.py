@@ -11,7 +11,7 @@ first appear in captions.csv, `--shard-size` images per shard, as OUTPUT/000000.
 OUTPUT/sizes.json maps each shard's file name to its number of pairs (the reader's epoch length).
 
 Every file is written to a temporary name in OUTPUT and renamed, so a shard that exists is complete.
-A folder that already holds shards is refused unless `--overwrite`; then shards left over from the old set
+A folder that already holds shards is refused unless `--overwrite true`; then shards left over from the old set
 (numbered past the new ones) are removed, so `{000000..N}` patterns never mix two runs.
 """
 import json
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from dataset import read_captions
 from engine.files import atomic_write
 from engine.shards import SIZES_FILE, ShardError
+from tools.prepare_output import yes_no
 
 SHARD_NAME = re.compile(r"^\d{6,}\.tar$")
 
@@ -69,7 +70,7 @@ def write_shards(input_root, output_dir, shard_size, overwrite=False, progress=T
     os.makedirs(output_dir, exist_ok=True)
     old = sorted(f for f in os.listdir(output_dir) if SHARD_NAME.match(f))
     if old and not overwrite:
-        raise ShardError(f"{output_dir} already holds {len(old)} shard(s); pass --overwrite to replace them "
+        raise ShardError(f"{output_dir} already holds {len(old)} shard(s); pass --overwrite true to replace them "
                          f"or choose another folder")
     chunks = [images[i:i + shard_size] for i in range(0, len(images), shard_size)]
     sizes = {}
@@ -92,7 +93,8 @@ def add_command(subparsers):
     command.add_argument("--output", required=True, help="folder for 000000.tar, 000001.tar, ... and sizes.json")
     command.add_argument("--shard-size", type=int, default=1000,
                          help="images per shard (default 1000; 256-px JPEGs make ~20-40 MB shards)")
-    command.add_argument("--overwrite", action="store_true", help="replace the shards already in --output")
+    command.add_argument("--overwrite", type=yes_no, nargs="?", const=True, default=False, metavar="true|false",
+                         help="replace the shards already in --output (default: false)")
     command.set_defaults(run=run)
     return command
 
