@@ -101,9 +101,10 @@ SCHEMA = Schema({
 })
 
 
-def log(rank, *args):
-    if rank == 0:
-        print(*args, flush=True)
+def log(rank, message):
+    """Print on rank 0; a note that is None (nothing to say) prints nothing."""
+    if rank == 0 and message:
+        print(message, flush=True)
 
 
 def stored_text_model(name):
@@ -138,10 +139,10 @@ def run(argv):
         raise ConfigError("train-shards needs a select-root folder to choose best.pt on (a stream cannot hold "
                           "images out); prepare one with tools.prepare_data")
     local_batch = cfg["batch-size"] // world_size
+    replacing = []  # another run's files that --overwrite replaces, once this run has an epoch to save
     if rank == 0:
-        note = rundir.prepare(cfg)  # before any data is read: never start over another run's files
-        if note:
-            log(rank, note)
+        note, replacing = rundir.prepare(cfg)  # before any data is read: never start over another run's files
+        log(rank, note)
     barrier()
     # onto the CPU: load_state_dict copies each tensor to its parameter's device, and RNG states must stay there
     ckpt = load_checkpoint(cfg["load-path"], map_location="cpu") if cfg["load-checkpoint"] else None
@@ -230,6 +231,8 @@ def run(argv):
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_epoch, best, best_epoch = ckpt["epoch"] + 1, ckpt["best_rsum"], ckpt.get("best_epoch")
         if rank == 0:
+            rundir.discard(replacing)  # resumed from another run's checkpoint into these files: theirs go now
+            replacing = []
             for note in rundir.repair(cfg, ckpt):
                 log(rank, f"note: {note}")
         log(rank, f"resumed from {cfg['load-path']} at epoch {start_epoch}")
@@ -260,7 +263,8 @@ def run(argv):
                      "scaler": scaler.state_dict(), "epoch": epoch, "step": (epoch + 1) * len(loader),
                      "best_rsum": best, "best_epoch": best_epoch, "rng": rngs, "config": cfg, "metrics": selection,
                      "select_files": select_files, "log_line": history}
-            rundir.save_epoch(cfg, state, improved)
+            rundir.save_epoch(cfg, state, improved, replacing)
+            replacing = []
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, selection rsum {selection['rsum']:.4f}"
                   f"{' (best)' if improved else ''}, {stats['samples_per_s']:.1f} samples/s, "
                   f"{stats['data_wait_share']:.0%} of the time waiting for data", flush=True)
@@ -276,7 +280,7 @@ def run(argv):
     if rank == 0 and history is not None:
         history["report"] = final_report(cfg, unwrapped, tokenizer, enc)
         log_file = rundir.log_path(cfg)
-        plot = plot_curves(log_file, os.path.join(os.path.dirname(log_file), "curves.png"))
+        plot = plot_curves(log_file, rundir.curves_path(cfg))
         print(f"log: {log_file}; curves: {plot}")
     return history
 
@@ -291,8 +295,7 @@ def final_report(cfg, model, tokenizer, enc):
     if "one_caption_per_image" in report:
         print(format_table(report["one_caption_per_image"]), flush=True)
     report = {**report, "epoch": best["epoch"], "checkpoint": cfg["best-path"], "valid_root": cfg["valid-root"]}
-    path = os.path.join(os.path.dirname(os.path.abspath(cfg["last-path"])), "report.json")
-    write_json(path, report)
+    path = write_json(rundir.report_path(cfg), report)
     print(f"report written to {path}")
     return report
 

@@ -1,0 +1,113 @@
+"""A run's files are safe from the next run: resuming checks that the checkpoint fits, --overwrite replaces
+nothing until the new run has an epoch to put in its place, two runs never write the same files at once, and
+output paths that cannot work are one-line errors before anything is read."""
+import shutil
+
+import pytest
+
+import train
+from engine import rundir
+from engine.checkpoint import load_checkpoint
+from tests.helpers import tiny_train_args
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "report.json", "curves.png")
+
+
+def one_line_exit(excinfo):
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in RUN_FILES}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_data, tmp_path_factory):
+    """A one-epoch run with all five of its files."""
+    out = tmp_path_factory.mktemp("finished")
+    train.main(tiny_train_args(tiny_data, out, "--epochs", "1"))
+    return out
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    """A copy of the finished run that a test may resume, overwrite or break."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    return out
+
+
+def resume_args(tiny_data, out, *extra):
+    return tiny_train_args(tiny_data, out, "--epochs", "2", "--load-checkpoint", "true",
+                           "--load-path", str(out / "last.pt"), *extra)
+
+
+def test_resuming_one_run_into_the_files_of_another_is_refused(tiny_data, run, finished, tmp_path):
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as e:  # resume `finished` but write into `run`, whose files are another run's
+        train.main(tiny_train_args(tiny_data, run, "--epochs", "2", "--load-checkpoint", "true",
+                                   "--load-path", str(finished / "last.pt")))
+    assert f"this run resumes from {finished / 'last.pt'}, not from them" in one_line_exit(e)
+    assert snapshot(run) == before
+
+
+# ---------------------------------------------------------------------- --overwrite: the old run stays until replaced
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tiny_data, run, tmp_path):
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(tiny_data, run, "--overwrite", "true", "--train-root", str(tmp_path / "none")))
+    assert "captions.csv not found" in one_line_exit(e)
+    assert snapshot(run) == before
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_stops_in_its_first_epoch(tiny_data, run, monkeypatch):
+    before = snapshot(run)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(tiny_data, run, "--overwrite", "true", "--seed", "3"))
+    assert e.value.code == 130 and snapshot(run) == before
+
+
+def test_overwrite_replaces_every_file_of_the_old_run(tiny_data, run, monkeypatch):
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n')
+    (run / "curves.png").write_bytes(b"old")
+    monkeypatch.setattr(train, "plot_curves", lambda log, out: out)  # the new run draws no curves
+    train.main(tiny_train_args(tiny_data, run, "--epochs", "1", "--overwrite", "true", "--seed", "3"))
+    assert [e["epoch"] for e in rundir.read_log(str(run / "metrics.jsonl"))] == [0]
+    assert not (run / "curves.png").exists()  # the old run's curves are gone with it
+    assert load_checkpoint(str(run / "best.pt"))["config"]["seed"] == 3
+
+
+def test_a_lone_report_of_another_run_is_refused_too(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(tiny_data, out))
+    assert f"{out / 'report.json'} already exists from another run" in one_line_exit(e)
+    assert (out / "report.json").read_text() == "{}"
+
+
+# ---------------------------------------------------------------------- output paths that cannot work
+def test_last_path_equal_to_best_path_is_refused(tiny_data, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(tiny_data, tmp_path, "--best-path", str(tmp_path / "last.pt")))
+    assert "last-path and best-path are the same file" in one_line_exit(e)
+    assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("folder", ["last.pt", "best.pt", "metrics.jsonl"])
+@pytest.mark.parametrize("overwrite", ["false", "true"])
+def test_an_output_path_that_is_a_folder_is_refused(tiny_data, tmp_path, folder, overwrite):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(tiny_data, tmp_path, "--overwrite", overwrite))
+    assert f"{tmp_path / folder} is a folder" in one_line_exit(e)
+    assert (tmp_path / folder / "keep.txt").read_text() == "mine"
