@@ -8,6 +8,7 @@
 Reads top to bottom: config, data, model, loss, optimizer, resume, then the epoch loop around
 `engine.epoch.train_one_epoch`, with validation (the same code as eval.py), checkpoints and a JSON-lines log.
 """
+import contextlib
 import os
 
 import torch
@@ -138,6 +139,13 @@ def run(argv):
     if cfg["train-shards"] and cfg["select-root"] is None:
         raise ConfigError("train-shards needs a select-root folder to choose best.pt on (a stream cannot hold "
                           "images out); prepare one with tools.prepare_data")
+    # one run at a time on these files: a second one fails at once instead of interleaving their writes
+    with rundir.locked(cfg) if rank == 0 else contextlib.nullcontext():
+        return fit(cfg, rank, world_size, device)
+
+
+def fit(cfg, rank, world_size, device):
+    """The run itself, with its folder locked: data, model, loss, optimizer, resume, the epoch loop, the report."""
     local_batch = cfg["batch-size"] // world_size
     replacing = []  # another run's files that --overwrite replaces, once this run has an epoch to save
     if rank == 0:

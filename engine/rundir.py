@@ -11,17 +11,25 @@ On resume from last.pt (epoch e), `repair` brings the other two in line with it:
 <= e and completed with epoch e's line if that append was lost; best.pt is rewritten from last.pt if epoch e
 was the best and its best.pt write was lost. Temporaries a killed writer left are removed at start.
 
-A run refuses to start over the files of another one unless `overwrite: true`; even then they stay until the new
-run saves its first epoch in their place, so a new run that stops early (bad data, a crash, Ctrl-C) loses nothing.
+One run at a time writes a run folder (`locked`). A run refuses to start over the files of another one unless
+`overwrite: true`; even then they stay until the new run saves its first epoch in their place, so a new run that
+stops early (bad data, a crash, Ctrl-C) loses nothing.
 """
+import contextlib
 import json
 import os
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.config import ConfigError
-from engine.files import atomic_write, remove_stale_partials
+from engine.files import WriteError, atomic_write, remove_stale_partials
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked
+    fcntl = None
 
 LOG_NAME = "metrics.jsonl"
+LOCK_NAME = ".train.lock"
 
 
 def run_folder(cfg):
@@ -49,6 +57,33 @@ def outputs(cfg):
 
 def run_files(cfg):
     return [p for p in outputs(cfg).values() if os.path.exists(p)]
+
+
+@contextlib.contextmanager
+def locked(cfg):
+    """Hold an exclusive lock on the run folder while the body runs, so a second run on the same files fails at
+    once (naming this one's pid) instead of interleaving their writes. The system drops the lock when its process
+    dies, so a killed run never blocks the next one."""
+    folder = run_folder(cfg)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WriteError(f"could not create the run folder {folder} ({e.strerror or e}); choose another "
+                         f"last-path") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                raise ConfigError(f"another training run (pid {pid}) is writing to {folder}; wait for it to end, "
+                                  f"stop it, or write this run elsewhere with --last-path/--best-path") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_paths(cfg):

@@ -1,14 +1,19 @@
 """A run's files are safe from the next run: resuming checks that the checkpoint fits, --overwrite replaces
 nothing until the new run has an epoch to put in its place, two runs never write the same files at once, and
 output paths that cannot work are one-line errors before anything is read."""
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 
 import train
 from engine import rundir
 from engine.checkpoint import load_checkpoint
-from tests.helpers import tiny_train_args
+from engine.config import ConfigError
+from tests.helpers import ROOT, tiny_train_args
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "report.json", "curves.png")
 
@@ -92,6 +97,51 @@ def test_a_lone_report_of_another_run_is_refused_too(tiny_data, tmp_path):
         train.main(tiny_train_args(tiny_data, out))
     assert f"{out / 'report.json'} already exists from another run" in one_line_exit(e)
     assert (out / "report.json").read_text() == "{}"
+
+
+# ---------------------------------------------------------------------- one run at a time on the same files
+HOLD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from engine import rundir
+with rundir.locked({{"last-path": {last!r}}}):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_on_the_same_files_fails_at_once_naming_the_first(tiny_data, tmp_path):
+    last = str(tmp_path / "last.pt")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT, last=last)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1"))
+        assert f"another training run (pid {holder.pid}) is writing to {tmp_path}" in one_line_exit(e)
+        assert not (tmp_path / "last.pt").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed, as a crashed run is: its lock must not block the next
+        holder.wait()
+    train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1"))
+    assert [e["epoch"] for e in rundir.read_log(str(tmp_path / "metrics.jsonl"))] == [0]
+
+
+def test_the_lock_is_held_while_training(tiny_data, tmp_path, monkeypatch):
+    real, tries = train.train_one_epoch, []
+
+    def train_one_epoch(*a, **k):
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+            with rundir.locked({"last-path": str(tmp_path / "last.pt")}):
+                pass
+        tries.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
+    train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1"))
+    assert tries == [1]
+    with rundir.locked({"last-path": str(tmp_path / "last.pt")}):  # released when the run ends
+        pass
 
 
 # ---------------------------------------------------------------------- output paths that cannot work
