@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from dataset import DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, read_captions
 from engine.augment import color_jitter
-from engine import rundir
+from engine import resume, rundir
 from engine.checkpoint import load_checkpoint
 from engine.config import (ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive,
                            workers)
@@ -30,7 +30,7 @@ from engine.metrics import format_table
 from engine.optim import build_optimizer
 from engine.plots import plot_curves
 from engine.runtime import (amp_context, barrier, broadcast_flag, cleanup_distributed, gather_rng_states,
-                            init_distributed, seed_everything, set_rng_state)
+                            init_distributed, seed_everything)
 from engine.shards import count_pairs, expand_pattern, shard_loader
 from loss import make_loss
 from model import build_model, load_tokenizer, text_length_limit
@@ -154,9 +154,8 @@ def fit(cfg, rank, world_size, device):
     barrier()
     # onto the CPU: load_state_dict copies each tensor to its parameter's device, and RNG states must stay there
     ckpt = load_checkpoint(cfg["load-path"], map_location="cpu") if cfg["load-checkpoint"] else None
-    if ckpt is not None and ckpt["config"].get("loss", "infonce") != cfg["loss"]:
-        raise ConfigError(f"{cfg['load-path']} was trained with loss {ckpt['config'].get('loss', 'infonce')}; "
-                          f"resume with the same loss")
+    if ckpt is not None:  # a model or optimizer that the checkpoint does not fit is refused before any data
+        log(rank, resume.check_config(cfg, ckpt, cfg["load-path"]))
     if cfg["use-amp"] and device.type != "cuda":
         log(rank, "note: use-amp is ignored on the CPU (bf16 autocast is slower than fp32 on AVX2 CPUs)")
     if device.type == "cuda":
@@ -171,6 +170,9 @@ def fit(cfg, rank, world_size, device):
     barrier()
     cfg["text-model"] = stored_text_model(cfg["text-model"])
     tokenizer = load_tokenizer(cfg["text-model"])
+    text_vocab = resume.vocab_fingerprint(tokenizer)  # stored, so a resume can check its text model
+    if ckpt is not None:
+        log(rank, resume.check_text_model(cfg, ckpt, cfg["load-path"], text_vocab))
     limits = ImageLimits(cfg["max-image-pixels"], cfg["max-aspect-ratio"])
     # workers decode, crop and resize; colour jitter runs on the whole batch on the device (engine.augment)
     transform = image_transform(cfg["image-size"], cfg["use-augment"], jitter=False)
@@ -230,14 +232,8 @@ def fit(cfg, rank, world_size, device):
     # ---------------------------------------------------------------- resume
     start_epoch, best, best_epoch = 0, -1.0, None
     if ckpt is not None:
-        unwrapped.load_state_dict(ckpt["model"])
-        loss_fn.load_state_dict(ckpt.get("loss", {}))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:  # empty when saved without fp16 AMP; a scaler that is on now keeps its initial scale
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        start_epoch, best, best_epoch = ckpt["epoch"] + 1, ckpt["best_rsum"], ckpt.get("best_epoch")
+        start_epoch, best, best_epoch = resume.restore(ckpt, cfg["load-path"], unwrapped, loss_fn, optimizer,
+                                                       scheduler, scaler, rank)
         if rank == 0:
             rundir.discard(replacing)  # resumed from another run's checkpoint into these files: theirs go now
             replacing = []
@@ -270,7 +266,7 @@ def fit(cfg, rank, world_size, device):
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch, "step": (epoch + 1) * len(loader),
                      "best_rsum": best, "best_epoch": best_epoch, "rng": rngs, "config": cfg, "metrics": selection,
-                     "select_files": select_files, "log_line": history}
+                     "select_files": select_files, "log_line": history, "text_vocab": text_vocab}
             rundir.save_epoch(cfg, state, improved, replacing)
             replacing = []
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, selection rsum {selection['rsum']:.4f}"

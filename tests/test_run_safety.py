@@ -14,6 +14,7 @@ from engine import rundir
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
 from tests.helpers import ROOT, tiny_train_args
+from tools import demo
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "report.json", "curves.png")
 
@@ -47,6 +48,50 @@ def run(finished, tmp_path):
 def resume_args(tiny_data, out, *extra):
     return tiny_train_args(tiny_data, out, "--epochs", "2", "--load-checkpoint", "true",
                            "--load-path", str(out / "last.pt"), *extra)
+
+
+# ---------------------------------------------------------------------- resuming: the checkpoint must fit
+def test_resuming_with_a_text_model_of_another_vocabulary_is_refused(tiny_data, run, tmp_path):
+    other = tmp_path / "other-text"  # as many tokens as the run's own model (389), but other ones
+    captions = [c.upper() for _, c in train.read_captions(str(tiny_data / "train"))]
+    demo.write_text_model(str(other), captions, hidden=32, layers=1)
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as e:
+        train.main(resume_args(tiny_data, run, "--text-model", str(other)))
+    message = one_line_exit(e)
+    assert "text-model" in message and str(other) in message and str(tiny_data / "text") in message
+    assert snapshot(run) == before  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("key, value, stored", [
+    ("image-model", "resnet34", "resnet18"),
+    ("text-pooling", "first", "mean"),
+    ("learnable-temperature", "true", "false"),
+    ("temperature", "0.05", "0.07"),
+    ("freeze-text", "true", "false"),
+])
+def test_resuming_with_another_model_is_a_one_line_error_naming_the_key(tiny_data, run, key, value, stored):
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as e:
+        train.main(resume_args(tiny_data, run, f"--{key}", value))
+    message = one_line_exit(e)
+    assert f"{key} {stored}" in message and f"{key} {value}" in message and f"--{key} {stored}" in message
+    assert snapshot(run) == before
+
+
+def test_a_moved_text_model_and_other_optimisation_keys_resume_with_a_note(tiny_data, run, tmp_path, capsys):
+    moved = tmp_path / "moved-text"
+    shutil.copytree(tiny_data / "text", moved)
+    old_rate = load_checkpoint(str(run / "last.pt"))["optimizer"]["param_groups"][0]["initial_lr"]
+    capsys.readouterr()
+    train.main(resume_args(tiny_data, run, "--text-model", str(moved), "--batch-size", "4",
+                           "--learning-rate", "0.5"))
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "batch-size 4 (was 8)" in line]
+    assert len(notes) == 1 and "learning-rate 0.5 (was 0.002; the checkpoint's optimizer keeps its own)" in notes[0]
+    ckpt = load_checkpoint(str(run / "last.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["log_line"]["train"]["steps"] == 40 // 4
+    assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == old_rate  # as the note says
 
 
 def test_resuming_one_run_into_the_files_of_another_is_refused(tiny_data, run, finished, tmp_path):
