@@ -230,7 +230,7 @@ def fit(cfg, rank, world_size, device):
     enc = Encoding(cfg["image-size"], max_length, local_batch, cfg["num-workers"], device, amp, limits)
 
     # ---------------------------------------------------------------- resume
-    start_epoch, best, best_epoch = 0, -1.0, None
+    start_epoch, best, best_epoch, history = 0, -1.0, None, None
     if ckpt is not None:
         start_epoch, best, best_epoch = resume.restore(ckpt, cfg["load-path"], unwrapped, loss_fn, optimizer,
                                                        scheduler, scaler, rank)
@@ -239,10 +239,14 @@ def fit(cfg, rank, world_size, device):
             replacing = []
             for note in rundir.repair(cfg, ckpt):
                 log(rank, f"note: {note}")
-        log(rank, f"resumed from {cfg['load-path']} at epoch {start_epoch}")
+        if start_epoch < cfg["epochs"]:
+            log(rank, f"resumed from {cfg['load-path']} at epoch {start_epoch}")
+        else:  # a finished run, or one killed while writing its report: write the report as the run's end does
+            history = ckpt.get("log_line", {"epoch": ckpt["epoch"]})
+            log(rank, f"note: {cfg['load-path']} has trained {start_epoch} epoch(s) and epochs is {cfg['epochs']}: "
+                      f"nothing left to train (raise --epochs to train longer); scoring its best.pt again")
 
     # ---------------------------------------------------------------- epoch loop
-    history = None
     for epoch in range(start_epoch, cfg["epochs"]):
         if epochs_of is not None:
             epochs_of.set_epoch(epoch)

@@ -1,6 +1,7 @@
 """A run's files are safe from the next run: resuming checks that the checkpoint fits, --overwrite replaces
 nothing until the new run has an epoch to put in its place, two runs never write the same files at once, and
 output paths that cannot work are one-line errors before anything is read."""
+import json
 import os
 import shutil
 import signal
@@ -92,6 +93,21 @@ def test_a_moved_text_model_and_other_optimisation_keys_resume_with_a_note(tiny_
     ckpt = load_checkpoint(str(run / "last.pt"))
     assert ckpt["epoch"] == 1 and ckpt["log_line"]["train"]["steps"] == 40 // 4
     assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == old_rate  # as the note says
+
+
+def test_resuming_with_nothing_left_to_train_says_so_and_writes_the_report(tiny_data, run, capsys):
+    report = json.loads((run / "report.json").read_text())
+    (run / "report.json").unlink()  # as a run killed while scoring best.pt at its end leaves it
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    history = train.main(tiny_train_args(tiny_data, run, "--epochs", "1", "--load-checkpoint", "true",
+                                         "--load-path", str(run / "last.pt")))
+    out = capsys.readouterr().out
+    assert "has trained 1 epoch(s) and epochs is 1: nothing left to train" in out
+    assert "epoch 1:" not in out
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert json.loads((run / "report.json").read_text())["rsum"] == report["rsum"]
+    assert history["epoch"] == 0 and history["report"]["rsum"] == report["rsum"]
 
 
 def test_resuming_one_run_into_the_files_of_another_is_refused(tiny_data, run, finished, tmp_path):
