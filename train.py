@@ -178,9 +178,13 @@ def fit(cfg, rank, world_size, device):
     transform = image_transform(cfg["image-size"], cfg["use-augment"], jitter=False)
     pairs = None if cfg["train-shards"] else read_captions(cfg["train-root"])
     select_root, select_files = selection_split(cfg, pairs, ckpt)
-    for root in {select_root, cfg["valid-root"]}:  # check both folders before hours of training
-        PairDataset(root, transform=None, only=select_files if root == select_root else None,
-                    pairs=pairs if root == cfg["train-root"] else None)  # train-root's CSV is read once
+    # each folder's captions.csv is read and checked once, before hours of training, and its rows serve every
+    # evaluation: a warning about it is given once, and no epoch checks every listed image again
+    read = {} if pairs is None else {os.path.abspath(cfg["train-root"]): pairs}
+    for root in (select_root, cfg["valid-root"]):
+        if os.path.abspath(root) not in read:
+            read[os.path.abspath(root)] = read_captions(root)
+    select_pairs, valid_pairs = read[os.path.abspath(select_root)], read[os.path.abspath(cfg["valid-root"])]
     if os.path.abspath(cfg["valid-root"]) in (os.path.abspath(cfg["train-root"]), os.path.abspath(select_root)):
         log(rank, "warning: valid-root is also the training or selection data, so its scores are not a fair report")
 
@@ -254,8 +258,9 @@ def fit(cfg, rank, world_size, device):
         if stats["skipped_images"]:
             log(rank, f"warning: {stats['skipped_images']} image(s) failed to decode this epoch and were skipped")
         if rank == 0:
-            selection = evaluate(unwrapped, tokenizer, select_root, enc, only=select_files)
-            report = evaluate(unwrapped, tokenizer, cfg["valid-root"], enc) if cfg["report-every-epoch"] else None
+            selection = evaluate(unwrapped, tokenizer, select_root, enc, only=select_files, pairs=select_pairs)
+            report = evaluate(unwrapped, tokenizer, cfg["valid-root"], enc, pairs=valid_pairs) \
+                if cfg["report-every-epoch"] else None
         rngs = gather_rng_states(world_size)  # after validation, which draws from the RNG too
         stop = False
         if rank == 0:
@@ -286,18 +291,19 @@ def fit(cfg, rank, world_size, device):
 
     # ---------------------------------------------------------------- the report: best.pt on valid-root
     if rank == 0 and history is not None:
-        history["report"] = final_report(cfg, unwrapped, tokenizer, enc)
+        history["report"] = final_report(cfg, unwrapped, tokenizer, enc, valid_pairs)
         log_file = rundir.log_path(cfg)
         plot = plot_curves(log_file, rundir.curves_path(cfg))
         print(f"log: {log_file}; curves: {plot}")
     return history
 
 
-def final_report(cfg, model, tokenizer, enc):
-    """Score best.pt (chosen on the selection split, never on this set) on valid-root; print and write it."""
+def final_report(cfg, model, tokenizer, enc, pairs):
+    """Score best.pt (chosen on the selection split, never on this set) on valid-root, whose rows are `pairs`;
+    print and write it."""
     best = load_checkpoint(cfg["best-path"], map_location=enc.device)
     model.load_state_dict(best["model"])
-    report = evaluate(model, tokenizer, cfg["valid-root"], enc)
+    report = evaluate(model, tokenizer, cfg["valid-root"], enc, pairs=pairs)
     print(f"report: {cfg['valid-root']} scored with {cfg['best-path']} (epoch {best['epoch']}, chosen on the "
           f"selection split)\n" + format_table(report), flush=True)
     if "one_caption_per_image" in report:

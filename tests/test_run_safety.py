@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -222,3 +223,21 @@ def test_an_output_path_that_is_a_folder_is_refused(tiny_data, tmp_path, folder,
         train.main(tiny_train_args(tiny_data, tmp_path, "--overwrite", overwrite))
     assert f"{tmp_path / folder} is a folder" in one_line_exit(e)
     assert (tmp_path / folder / "keep.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------- data warnings: once each
+def test_a_data_warning_about_train_root_is_given_once(tiny_data, tmp_path):
+    data = tmp_path / "train"
+    shutil.copytree(tiny_data / "train", data)
+    with open(data / "captions.csv", encoding="utf-8") as f:
+        second_row = f.read().splitlines()[1]
+    with open(data / "captions.csv", "a", encoding="utf-8") as f:
+        f.write(second_row + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.main(tiny_train_args(tiny_data, tmp_path / "run", "--train-root", str(data)))
+    dropped = [w for w in caught if "exact duplicate row" in str(w.message)]
+    assert len(dropped) == 1 and "dropped 1 exact duplicate row" in str(dropped[0].message)
+    # the selection split is scored from the rows read once: still 4 images, 8 captions
+    log = rundir.read_log(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [e["select"]["num_captions"] for e in log] == [8, 8]
