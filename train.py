@@ -8,6 +8,7 @@
 Reads top to bottom: config, data, model, loss, optimizer, resume, then the epoch loop around
 `engine.epoch.train_one_epoch`, with validation (the same code as eval.py), checkpoints and a JSON-lines log.
 """
+import contextlib
 import os
 
 import torch
@@ -16,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from dataset import DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, read_captions
 from engine.augment import color_jitter
-from engine import rundir
+from engine import resume, rundir
 from engine.checkpoint import load_checkpoint
 from engine.config import (ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive,
                            workers)
@@ -29,7 +30,7 @@ from engine.metrics import format_table
 from engine.optim import build_optimizer
 from engine.plots import plot_curves
 from engine.runtime import (amp_context, barrier, broadcast_flag, cleanup_distributed, gather_rng_states,
-                            init_distributed, seed_everything, set_rng_state)
+                            init_distributed, seed_everything)
 from engine.shards import count_pairs, expand_pattern, shard_loader
 from loss import make_loss
 from model import build_model, load_tokenizer, text_length_limit
@@ -101,9 +102,10 @@ SCHEMA = Schema({
 })
 
 
-def log(rank, *args):
-    if rank == 0:
-        print(*args, flush=True)
+def log(rank, message):
+    """Print on rank 0; a note that is None (nothing to say) prints nothing."""
+    if rank == 0 and message:
+        print(message, flush=True)
 
 
 def stored_text_model(name):
@@ -137,17 +139,23 @@ def run(argv):
     if cfg["train-shards"] and cfg["select-root"] is None:
         raise ConfigError("train-shards needs a select-root folder to choose best.pt on (a stream cannot hold "
                           "images out); prepare one with tools.prepare_data")
+    # one run at a time on these files: a second one fails at once instead of interleaving their writes
+    with rundir.locked(cfg) if rank == 0 else contextlib.nullcontext():
+        return fit(cfg, rank, world_size, device)
+
+
+def fit(cfg, rank, world_size, device):
+    """The run itself, with its folder locked: data, model, loss, optimizer, resume, the epoch loop, the report."""
     local_batch = cfg["batch-size"] // world_size
+    replacing = []  # another run's files that --overwrite replaces, once this run has an epoch to save
     if rank == 0:
-        note = rundir.prepare(cfg)  # before any data is read: never start over another run's files
-        if note:
-            log(rank, note)
+        note, replacing = rundir.prepare(cfg)  # before any data is read: never start over another run's files
+        log(rank, note)
     barrier()
     # onto the CPU: load_state_dict copies each tensor to its parameter's device, and RNG states must stay there
     ckpt = load_checkpoint(cfg["load-path"], map_location="cpu") if cfg["load-checkpoint"] else None
-    if ckpt is not None and ckpt["config"].get("loss", "infonce") != cfg["loss"]:
-        raise ConfigError(f"{cfg['load-path']} was trained with loss {ckpt['config'].get('loss', 'infonce')}; "
-                          f"resume with the same loss")
+    if ckpt is not None:  # a model or optimizer that the checkpoint does not fit is refused before any data
+        log(rank, resume.check_config(cfg, ckpt, cfg["load-path"]))
     if cfg["use-amp"] and device.type != "cuda":
         log(rank, "note: use-amp is ignored on the CPU (bf16 autocast is slower than fp32 on AVX2 CPUs)")
     if device.type == "cuda":
@@ -162,14 +170,21 @@ def run(argv):
     barrier()
     cfg["text-model"] = stored_text_model(cfg["text-model"])
     tokenizer = load_tokenizer(cfg["text-model"])
+    text_vocab = resume.vocab_fingerprint(tokenizer)  # stored, so a resume can check its text model
+    if ckpt is not None:
+        log(rank, resume.check_text_model(cfg, ckpt, cfg["load-path"], text_vocab))
     limits = ImageLimits(cfg["max-image-pixels"], cfg["max-aspect-ratio"])
     # workers decode, crop and resize; colour jitter runs on the whole batch on the device (engine.augment)
     transform = image_transform(cfg["image-size"], cfg["use-augment"], jitter=False)
     pairs = None if cfg["train-shards"] else read_captions(cfg["train-root"])
     select_root, select_files = selection_split(cfg, pairs, ckpt)
-    for root in {select_root, cfg["valid-root"]}:  # check both folders before hours of training
-        PairDataset(root, transform=None, only=select_files if root == select_root else None,
-                    pairs=pairs if root == cfg["train-root"] else None)  # train-root's CSV is read once
+    # each folder's captions.csv is read and checked once, before hours of training, and its rows serve every
+    # evaluation: a warning about it is given once, and no epoch checks every listed image again
+    read = {} if pairs is None else {os.path.abspath(cfg["train-root"]): pairs}
+    for root in (select_root, cfg["valid-root"]):
+        if os.path.abspath(root) not in read:
+            read[os.path.abspath(root)] = read_captions(root)
+    select_pairs, valid_pairs = read[os.path.abspath(select_root)], read[os.path.abspath(cfg["valid-root"])]
     if os.path.abspath(cfg["valid-root"]) in (os.path.abspath(cfg["train-root"]), os.path.abspath(select_root)):
         log(rank, "warning: valid-root is also the training or selection data, so its scores are not a fair report")
 
@@ -219,23 +234,23 @@ def run(argv):
     enc = Encoding(cfg["image-size"], max_length, local_batch, cfg["num-workers"], device, amp, limits)
 
     # ---------------------------------------------------------------- resume
-    start_epoch, best, best_epoch = 0, -1.0, None
+    start_epoch, best, best_epoch, history = 0, -1.0, None, None
     if ckpt is not None:
-        unwrapped.load_state_dict(ckpt["model"])
-        loss_fn.load_state_dict(ckpt.get("loss", {}))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:  # empty when saved without fp16 AMP; a scaler that is on now keeps its initial scale
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        start_epoch, best, best_epoch = ckpt["epoch"] + 1, ckpt["best_rsum"], ckpt.get("best_epoch")
+        start_epoch, best, best_epoch = resume.restore(ckpt, cfg["load-path"], unwrapped, loss_fn, optimizer,
+                                                       scheduler, scaler, rank)
         if rank == 0:
+            rundir.discard(replacing)  # resumed from another run's checkpoint into these files: theirs go now
+            replacing = []
             for note in rundir.repair(cfg, ckpt):
                 log(rank, f"note: {note}")
-        log(rank, f"resumed from {cfg['load-path']} at epoch {start_epoch}")
+        if start_epoch < cfg["epochs"]:
+            log(rank, f"resumed from {cfg['load-path']} at epoch {start_epoch}")
+        else:  # a finished run, or one killed while writing its report: write the report as the run's end does
+            history = ckpt.get("log_line", {"epoch": ckpt["epoch"]})
+            log(rank, f"note: {cfg['load-path']} has trained {start_epoch} epoch(s) and epochs is {cfg['epochs']}: "
+                      f"nothing left to train (raise --epochs to train longer); scoring its best.pt again")
 
     # ---------------------------------------------------------------- epoch loop
-    history = None
     for epoch in range(start_epoch, cfg["epochs"]):
         if epochs_of is not None:
             epochs_of.set_epoch(epoch)
@@ -243,8 +258,9 @@ def run(argv):
         if stats["skipped_images"]:
             log(rank, f"warning: {stats['skipped_images']} image(s) failed to decode this epoch and were skipped")
         if rank == 0:
-            selection = evaluate(unwrapped, tokenizer, select_root, enc, only=select_files)
-            report = evaluate(unwrapped, tokenizer, cfg["valid-root"], enc) if cfg["report-every-epoch"] else None
+            selection = evaluate(unwrapped, tokenizer, select_root, enc, only=select_files, pairs=select_pairs)
+            report = evaluate(unwrapped, tokenizer, cfg["valid-root"], enc, pairs=valid_pairs) \
+                if cfg["report-every-epoch"] else None
         rngs = gather_rng_states(world_size)  # after validation, which draws from the RNG too
         stop = False
         if rank == 0:
@@ -259,8 +275,9 @@ def run(argv):
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch, "step": (epoch + 1) * len(loader),
                      "best_rsum": best, "best_epoch": best_epoch, "rng": rngs, "config": cfg, "metrics": selection,
-                     "select_files": select_files, "log_line": history}
-            rundir.save_epoch(cfg, state, improved)
+                     "select_files": select_files, "log_line": history, "text_vocab": text_vocab}
+            rundir.save_epoch(cfg, state, improved, replacing)
+            replacing = []
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, selection rsum {selection['rsum']:.4f}"
                   f"{' (best)' if improved else ''}, {stats['samples_per_s']:.1f} samples/s, "
                   f"{stats['data_wait_share']:.0%} of the time waiting for data", flush=True)
@@ -274,25 +291,25 @@ def run(argv):
 
     # ---------------------------------------------------------------- the report: best.pt on valid-root
     if rank == 0 and history is not None:
-        history["report"] = final_report(cfg, unwrapped, tokenizer, enc)
+        history["report"] = final_report(cfg, unwrapped, tokenizer, enc, valid_pairs)
         log_file = rundir.log_path(cfg)
-        plot = plot_curves(log_file, os.path.join(os.path.dirname(log_file), "curves.png"))
+        plot = plot_curves(log_file, rundir.curves_path(cfg))
         print(f"log: {log_file}; curves: {plot}")
     return history
 
 
-def final_report(cfg, model, tokenizer, enc):
-    """Score best.pt (chosen on the selection split, never on this set) on valid-root; print and write it."""
+def final_report(cfg, model, tokenizer, enc, pairs):
+    """Score best.pt (chosen on the selection split, never on this set) on valid-root, whose rows are `pairs`;
+    print and write it."""
     best = load_checkpoint(cfg["best-path"], map_location=enc.device)
     model.load_state_dict(best["model"])
-    report = evaluate(model, tokenizer, cfg["valid-root"], enc)
+    report = evaluate(model, tokenizer, cfg["valid-root"], enc, pairs=pairs)
     print(f"report: {cfg['valid-root']} scored with {cfg['best-path']} (epoch {best['epoch']}, chosen on the "
           f"selection split)\n" + format_table(report), flush=True)
     if "one_caption_per_image" in report:
         print(format_table(report["one_caption_per_image"]), flush=True)
     report = {**report, "epoch": best["epoch"], "checkpoint": cfg["best-path"], "valid_root": cfg["valid-root"]}
-    path = os.path.join(os.path.dirname(os.path.abspath(cfg["last-path"])), "report.json")
-    write_json(path, report)
+    path = write_json(rundir.report_path(cfg), report)
     print(f"report written to {path}")
     return report
 

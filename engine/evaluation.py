@@ -77,15 +77,16 @@ def one_caption_rows(split, seed=0):
     return sorted(choose_captions(name, r, 1, seed)[0] for name, r in rows.items())
 
 
-def evaluate(model, tokenizer, root, enc, progress=False, only=None, seed=0):
+def evaluate(model, tokenizer, root, enc, progress=False, only=None, seed=0, pairs=None):
     """Full retrieval metrics of `model` on the split at `root` (see engine.metrics.retrieval_metrics).
 
     `only` restricts the split to those image files (a held-out selection split). When images have several
     captions, the metrics of the one-caption-per-image protocol are added under "one_caption_per_image", from
     the same features (each image is encoded once for both). Every image must decode: a file that does not is an
-    error naming it, since a skipped image would change the task the numbers describe.
+    error naming it, since a skipped image would change the task the numbers describe. `pairs`: the split's rows
+    as `read_captions(root)` returned them, when the caller has read them already.
     """
-    split = PairDataset(root, transform=None, only=only, limits=enc.limits)
+    split = PairDataset(root, transform=None, only=only, limits=enc.limits, pairs=pairs)
     if not split.pairs:
         raise DataError(f"no captioned image of {root} is left to evaluate")
     was_training = model.training

@@ -1,4 +1,5 @@
-"""A training run's files: last.pt, best.pt and metrics.jsonl, kept consistent whatever instant a run is killed.
+"""A training run's files: last.pt, best.pt and metrics.jsonl, kept consistent whatever instant a run is killed,
+and report.json and curves.png, written beside them when the run ends.
 
 Each epoch is saved in this order:
   1. last.pt, which holds everything: the model and optimizer, the epoch, the best score so far and its epoch,
@@ -9,47 +10,143 @@ Each file is written atomically (engine.files), so a kill leaves either the old 
 On resume from last.pt (epoch e), `repair` brings the other two in line with it: the log is cut back to epochs
 <= e and completed with epoch e's line if that append was lost; best.pt is rewritten from last.pt if epoch e
 was the best and its best.pt write was lost. Temporaries a killed writer left are removed at start.
-A fresh run refuses to start over another run's files unless `overwrite: true`.
+
+One run at a time writes a run folder (`locked`). A run refuses to start over the files of another one unless
+`overwrite: true`; even then they stay until the new run saves its first epoch in their place, so a new run that
+stops early (bad data, a crash, Ctrl-C) loses nothing.
 """
+import contextlib
 import json
 import os
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.config import ConfigError
-from engine.files import atomic_write, remove_stale_partials
+from engine.files import WriteError, atomic_write, remove_stale_partials
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked
+    fcntl = None
 
 LOG_NAME = "metrics.jsonl"
+LOCK_NAME = ".train.lock"
+
+
+def run_folder(cfg):
+    """The folder of last-path, where the log, the report and the curves go too."""
+    return os.path.dirname(os.path.abspath(cfg["last-path"]))
 
 
 def log_path(cfg):
-    return os.path.join(os.path.dirname(os.path.abspath(cfg["last-path"])), LOG_NAME)
+    return os.path.join(run_folder(cfg), LOG_NAME)
+
+
+def report_path(cfg):
+    return os.path.join(run_folder(cfg), "report.json")
+
+
+def curves_path(cfg):
+    return os.path.join(run_folder(cfg), "curves.png")
+
+
+def outputs(cfg):
+    """{what it is: path} for every file a run writes."""
+    return {"last-path": cfg["last-path"], "best-path": cfg["best-path"], "the log": log_path(cfg),
+            "the report": report_path(cfg), "the curves": curves_path(cfg)}
 
 
 def run_files(cfg):
-    return [p for p in (cfg["last-path"], cfg["best-path"], log_path(cfg)) if os.path.exists(p)]
+    return [p for p in outputs(cfg).values() if os.path.exists(p)]
+
+
+@contextlib.contextmanager
+def locked(cfg):
+    """Hold an exclusive lock on the run folder while the body runs, so a second run on the same files fails at
+    once (naming this one's pid) instead of interleaving their writes. The system drops the lock when its process
+    dies, so a killed run never blocks the next one."""
+    folder = run_folder(cfg)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WriteError(f"could not create the run folder {folder} ({e.strerror or e}); choose another "
+                         f"last-path") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                raise ConfigError(f"another training run (pid {pid}) is writing to {folder}; wait for it to end, "
+                                  f"stop it, or write this run elsewhere with --last-path/--best-path") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_paths(cfg):
+    """One-line errors for output paths that cannot work: a folder where a file goes, two outputs on one file."""
+    seen = {}
+    for what, path in outputs(cfg).items():
+        if os.path.isdir(path):
+            fix = f"give {what} a file path" if what.endswith("-path") else "move it away or choose another last-path"
+            raise ConfigError(f"{what} {path} is a folder, not a file; {fix}")
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ConfigError(f"{seen[real]} and {what} are the same file ({path}); give them different paths")
+        seen[real] = what
+    if cfg["load-checkpoint"] and os.path.isdir(cfg["load-path"]):
+        raise ConfigError(f"load-path {cfg['load-path']} is a folder; pass the checkpoint in it, e.g. "
+                          f"{os.path.join(cfg['load-path'], 'last.pt')}")
+
+
+def resumes_in_place(cfg):
+    """True when the run resumes from its own last.pt, so the files beside it are its own. A load-path that is
+    not there counts too: loading it fails next, with a message that says so."""
+    if not cfg["load-checkpoint"]:
+        return False
+    if not os.path.isfile(cfg["load-path"]) or not os.path.exists(cfg["last-path"]):
+        return not os.path.isfile(cfg["load-path"])
+    return os.path.samefile(cfg["load-path"], cfg["last-path"])
 
 
 def prepare(cfg):
-    """Before any data is read: remove killed writers' temporaries, and refuse to start a fresh run over the
-    files of another one (or clear them when `overwrite` says so). Returns a note to print, or None."""
-    for path in (cfg["last-path"], cfg["best-path"], log_path(cfg)):
+    """Before any data is read, with the run's lock held: check the output paths, remove killed writers'
+    temporaries, and refuse to start over another run's files unless `overwrite` says so.
+
+    Returns (a note to print or None, the other run's files that this run replaces). They are not removed here:
+    pass them to `save_epoch` (a fresh run) or `discard` them when the resumed state is in place."""
+    check_paths(cfg)
+    for path in outputs(cfg).values():
         remove_stale_partials(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
-    if cfg["load-checkpoint"]:
-        return None
-    existing = run_files(cfg)
+    existing = [] if resumes_in_place(cfg) else run_files(cfg)
     if not existing:
-        return None
+        return None, []
     if not cfg["overwrite"]:
-        raise ConfigError(f"{', '.join(existing)} already exist from another run; resume it with "
-                          f"--load-checkpoint true, write this run elsewhere with --last-path/--best-path, or "
-                          f"pass --overwrite true to replace them")
-    for path in existing:
-        os.remove(path)
-    return f"overwrite: removed {', '.join(existing)}"
+        verb = "exists" if len(existing) == 1 else "exist"
+        how = f"this run resumes from {cfg['load-path']}, not from them" if cfg["load-checkpoint"] else \
+            "resume it with --load-checkpoint true"
+        raise ConfigError(f"{', '.join(existing)} already {verb} from another run; {how}, write this run elsewhere "
+                          f"with --last-path/--best-path, or pass --overwrite true to replace them")
+    return (f"overwrite: {', '.join(existing)} will be replaced once this run has trained its first epoch "
+            f"(kept if it stops before)"), existing
 
 
-def save_epoch(cfg, state, improved):
-    """Save one finished epoch in the order the module docstring gives. `state["log_line"]` is the log entry."""
+def discard(paths, keep=()):
+    """Remove the files of a run this one replaces (those still there, but `keep`)."""
+    for path in paths:
+        if path not in keep and os.path.exists(path):
+            os.remove(path)
+
+
+def save_epoch(cfg, state, improved, replacing=()):
+    """Save one finished epoch in the order the module docstring gives. `state["log_line"]` is the log entry.
+
+    `replacing`: another run's files that this run overwrites, removed just before its first save (last.pt is
+    replaced by the save itself), so that nothing of that run is mixed into this one's."""
+    discard(replacing, keep=(cfg["last-path"],))
     save_checkpoint(cfg["last-path"], **state)
     if improved:
         save_checkpoint(cfg["best-path"], **state)
