@@ -1,0 +1,93 @@
+"""Bad input to eval.py and the inference entries: each mistake is one line that says what the path is and what
+to do, refused before any work; nothing already written is lost, and nothing outside the given folders is read,
+written or served."""
+import io
+import json
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import eval as eval_script
+from engine.checkpoint import CheckpointError, load_trained
+from inference import classify, search, serve
+from inference import index as search_index
+from inference.encoder import Encoder, InferenceError, check_templates
+from tests.helpers import DEMO_EVAL_CONFIG, ROOT
+from tools import demo
+
+
+def one_line_exit(excinfo):
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def fails(call):
+    """The one-line message of an entry that must refuse."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    return one_line_exit(e)
+
+
+def jpeg(path, size=(40, 30)):
+    Image.new("RGB", size, (200, 100, 50)).save(path, format="JPEG")
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny):
+    return Encoder(str(tiny["checkpoint"]), "cpu")
+
+
+@pytest.fixture(scope="module")
+def index_dir(tiny, encoder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("input") / "index"
+    search_index.build_index(encoder, str(tiny["images"]), str(out), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(tiny, index_dir):
+    with TestClient(serve.create_app(str(tiny["checkpoint"]), str(index_dir), device="cpu")) as c:
+        yield c
+
+
+def image_path(tiny, i=0):
+    return str(sorted(tiny["images"].iterdir())[i])
+
+
+# ---------------------------------------------------------------------- 2. a tokenizer that does not fit
+def permuted_tokenizer(tiny, folder):
+    """The checkpoint's tokenizer folder with two token ids swapped: the same vocabulary size, other ids."""
+    shutil.copytree(tiny["text_model"], folder)
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "tokenizer.json").unlink()  # rebuilt from vocab.json and merges.txt
+    return folder
+
+
+def test_a_tokenizer_with_the_same_size_but_other_ids_is_refused(tiny, tmp_path):
+    other = permuted_tokenizer(tiny, tmp_path / "other-text")
+    message = fails(lambda: eval_script.main(eval_args(tiny, tmp_path / "e.json", "--text-model", str(other))))
+    assert str(other) in message and "damaged" not in message and str(tiny["text_model"]) in message
+    assert not (tmp_path / "e.json").exists()
+    model, tokenizer, _ = load_trained(str(tiny["checkpoint"]), torch.device("cpu"), str(tiny["text_model"]))
+    assert len(tokenizer) == model.text.model.get_input_embeddings().num_embeddings  # the same folder: fine
+
+
+def test_a_tokenizer_of_another_size_names_the_text_model_not_the_checkpoint(tiny, tmp_path):
+    other = tmp_path / "small-text"
+    demo.write_text_model(str(other), ["a red circle", "a blue star in the top left"])  # hidden 128, a few merges
+    rows = torch.load(tiny["checkpoint"], weights_only=False)["model"]["text.model.embeddings.word_embeddings.weight"]
+    with pytest.raises(CheckpointError) as e:
+        load_trained(str(tiny["checkpoint"]), torch.device("cpu"), str(other))
+    message = str(e.value)
+    assert str(other) in message and "damaged" not in message and f"{rows.shape[0]} tokens" in message
