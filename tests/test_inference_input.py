@@ -62,6 +62,54 @@ def image_path(tiny, i=0):
     return str(sorted(tiny["images"].iterdir())[i])
 
 
+# ---------------------------------------------------------------------- 1. eval --output
+def eval_args(tiny, output, *extra):
+    return ["--config", DEMO_EVAL_CONFIG, "--model-path", str(tiny["checkpoint"]), "--valid-root",
+            str(tiny["captions"].parent), "--num-workers", "0", "--device", "cpu", "--output", str(output), *extra]
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("checkpoint", "not a metrics file written by eval.py"),
+    ("text", "not a metrics file written by eval.py"),
+    ("other json", "not a metrics file written by eval.py"),
+    ("folder", "is a folder"),
+    ("empty", "output is empty"),
+])
+def test_eval_refuses_an_output_it_did_not_write_before_evaluating(tiny, tmp_path, monkeypatch, kind, fragment):
+    target = {"checkpoint": tmp_path / "best.pt", "text": tmp_path / "precious.txt",
+              "other json": tmp_path / "settings.json", "folder": tmp_path / "out", "empty": ""}[kind]
+    if kind == "checkpoint":
+        shutil.copy(tiny["checkpoint"], target)
+    elif kind == "text":
+        target.write_text("my notes\n")
+    elif kind == "other json":
+        target.write_text(json.dumps({"rsum": "mine", "theme": "dark"}))
+    elif kind == "folder":
+        target.mkdir()
+    before = target.read_bytes() if kind not in ("folder", "empty") else None
+    loaded = []
+    monkeypatch.setattr(eval_script, "load_trained", lambda *a, **k: loaded.append(a) or pytest.fail("evaluated"))
+    message = fails(lambda: eval_script.main(eval_args(tiny, target)))
+    assert fragment in message and "--output" in message and loaded == []
+    if before is not None:
+        assert target.read_bytes() == before
+
+
+def test_eval_rewrites_its_own_json_and_needs_overwrite_for_another_runs(tiny, tmp_path):
+    out = tmp_path / "eval.json"
+    first = eval_script.main(eval_args(tiny, out))
+    second = eval_script.main(eval_args(tiny, out))  # the same evaluation again: its own file is replaced
+    assert second["rsum"] == pytest.approx(first["rsum"]) and json.loads(out.read_text())["rsum"] == first["rsum"]
+    other = json.loads(out.read_text())
+    other["checkpoint"] = str(tmp_path / "another.pt")  # the metrics of another checkpoint
+    out.write_text(json.dumps(other))
+    message = fails(lambda: eval_script.main(eval_args(tiny, out)))
+    assert "another.pt" in message and "--overwrite true" in message
+    assert json.loads(out.read_text())["checkpoint"] == str(tmp_path / "another.pt")
+    eval_script.main(eval_args(tiny, out, "--overwrite", "true"))
+    assert json.loads(out.read_text())["checkpoint"] == str(tiny["checkpoint"])
+
+
 # ---------------------------------------------------------------------- 2. a tokenizer that does not fit
 def permuted_tokenizer(tiny, folder):
     """The checkpoint's tokenizer folder with two token ids swapped: the same vocabulary size, other ids."""
