@@ -9,9 +9,9 @@ renormalised into one label embedding, and the probabilities are softmax(logit_s
 A templates file holds one template per line, with {} where the label goes.
 """
 import argparse
-import os
 
 from engine.errors import run_entry
+from engine.files import require_file
 from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, read_lines,
                                zero_shot_probs)
 
@@ -40,8 +40,7 @@ def run(a):
     if a.top is not None and a.top < 1:
         raise InferenceError(f"--top must be at least 1, got {a.top}")
     for path in a.image:
-        if not os.path.isfile(path):
-            raise InferenceError(f"image '{path}' does not exist")
+        require_file(path, "image")
     encoder = Encoder(a.model_path, a.device, a.text_model)
     weights = encoder.label_embeddings(labels, templates)  # (L, D)
     images = encoder.encode_images([encoder.open_image(p) for p in a.image])  # (N, D)

@@ -18,6 +18,7 @@ from dataset import image_transform
 from engine.images import DEFAULT_LIMITS, check_size, open_image, to_rgb
 from engine.checkpoint import load_trained
 from engine.errors import UserError
+from engine.files import require_file
 from engine.evaluation import Encoding, encode_image_batch, encode_image_files, encode_texts
 from engine.runtime import amp_context, resolve_device
 
@@ -157,8 +158,7 @@ def check_templates(templates):
 
 def read_lines(path, what):
     """Non-empty stripped lines of a UTF-8 text file (labels, templates, captions)."""
-    if not os.path.isfile(path):
-        raise InferenceError(f"{what} file '{path}' does not exist")
+    require_file(path, f"{what} file", f"pass a text file with one {what[:-1]} per line")
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 

@@ -25,7 +25,7 @@ import torch
 
 from dataset import inside
 from engine.errors import UserError
-from engine.files import atomic_write
+from engine.files import atomic_write, require_folder
 from inference import ann
 from inference.encoder import list_images
 
@@ -75,6 +75,7 @@ class ImageIndex:
 
     @classmethod
     def load(cls, folder, with_ann=True):
+        require_folder(folder, "index", "pass --index a folder made by 'python -m inference.search index'")
         meta = read_meta(folder)
         if meta is None:
             raise SearchError(f"'{folder}' is not an index (no index.json); make one with "
@@ -216,8 +217,7 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     `index_type` None keeps the existing index's type (flat for a new one); nlist (ivf), m and ef_construction
     (hnsw) None: ann.build's defaults for a new structure, the stored ones otherwise.
     """
-    if not os.path.isdir(images_root):
-        raise SearchError(f"image folder '{images_root}' does not exist")
+    require_folder(images_root, "image folder", "pass --images the folder that holds the images")
     root = os.path.abspath(images_root)
     try:
         current = read_meta(out)

@@ -17,10 +17,10 @@ inference/index.py for the format and how each index type is updated). Index typ
 Leaving out --index-type keeps an existing index's type; a different one rebuilds only the ANN structure.
 """
 import argparse
-import os
 
 from dataset import read_captions_csv
 from engine.errors import run_entry
+from engine.files import require_file
 from inference import ann
 from inference.encoder import Encoder
 from inference.index import ImageIndex, SearchError, build_index
@@ -109,8 +109,7 @@ def run_query(a):
             raise SearchError("--text is empty")
         query = encoder.encode_texts([a.text])
     else:
-        if not os.path.isfile(a.image):
-            raise SearchError(f"image '{a.image}' does not exist")
+        require_file(a.image, "image")
         query = encoder.encode_images([encoder.open_image(a.image)])  # (1, D)
 
     if a.captions:
@@ -136,8 +135,7 @@ def run_query(a):
 
 def read_captions_file(path):
     """Captions to rank for image -> text: a CSV with a `caption` column, or a text file with one per line."""
-    if not os.path.isfile(path):
-        raise SearchError(f"captions file '{path}' does not exist")
+    require_file(path, "captions file", "pass a .csv with a caption column or a .txt with one caption per line")
     if path.lower().endswith(".csv"):
         captions = [values[0] for _, values in read_captions_csv(path, columns=("caption",))]
     else:

@@ -139,3 +139,24 @@ def test_a_tokenizer_of_another_size_names_the_text_model_not_the_checkpoint(tin
         load_trained(str(tiny["checkpoint"]), torch.device("cpu"), str(other))
     message = str(e.value)
     assert str(other) in message and "damaged" not in message and f"{rows.shape[0]} tokens" in message
+
+
+# ---------------------------------------------------------------------- 3. say what a path is
+def test_a_path_of_the_wrong_kind_is_named_as_such(tiny, tmp_path):
+    folder, text = tmp_path / "somedir", os.path.join(ROOT, "README.md")
+    folder.mkdir()
+    image = image_path(tiny)
+    message = fails(lambda: eval_script.main(eval_args(tiny, tmp_path / "e.json", "--model-path", str(folder))))
+    assert "is a folder, not a checkpoint file" in message
+    message = fails(lambda: search.main(["index", "--model-path", str(tiny["checkpoint"]), "--images", text,
+                                         "--output", str(tmp_path / "i")]))
+    assert "is a file, not a folder" in message
+    for args in (["--labels-file", str(folder)], ["--labels", "a,b", "--templates-file", str(folder)]):
+        message = fails(lambda: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, *args]))
+        assert "is a folder, not a file" in message and "does not exist" not in message
+    message = fails(lambda: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", str(folder),
+                                           "--labels", "a,b"]))
+    assert "is a folder, not a file" in message
+    message = fails(lambda: search.main(["query", "--model-path", str(tiny["checkpoint"]), "--captions",
+                                         str(folder), "--image", image]))
+    assert "is a folder, not a file" in message
