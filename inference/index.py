@@ -13,31 +13,23 @@ extended (`ann.add`) when files were only added, refilled from the embeddings (`
 centroids) when files were removed or changed, and built anew (nothing is re-encoded) when the type or a build
 setting differs from the stored one or its file cannot be read. An index made with another checkpoint is
 refused; `rebuild=True` re-encodes everything. Format-1 indexes (before the types) are read as flat. New files
-get fresh names and index.json is replaced last, so an interrupted run leaves the previous index intact.
+get fresh names and index.json is replaced last, so an interrupted run leaves the previous index intact
+(inference/index_files.py); an output that is a file, another index or a folder of other things is refused.
 """
-import json
 import os
 import sys
-import uuid
 
 import numpy as np
 import torch
 
 from dataset import inside
-from engine.errors import UserError
-from engine.files import atomic_write, require_folder
+from engine.files import require_folder
 from inference import ann
 from inference.encoder import list_images
+from inference.index_files import FORMAT, SearchError, check_output_folder, read_meta, write_index
 
-FORMAT = 2  # bump when the layout of index.json changes; 2 added index_type and ann
-READABLE_FORMATS = (1, 2)  # format 1 had neither key and is read as flat
-REQUIRED_KEYS = {"root", "checkpoint", "dim", "files", "sizes", "mtimes", "embeddings", "index_type", "ann"}
 BLOCK_ROWS = 65536  # rows converted to float32 at a time by the exact search: 128 MB at D = 512
 BUILD_FLAGS = {"nlist": ("--nlist", "ivf"), "m": ("--m", "hnsw"), "ef_construction": ("--ef-construction", "hnsw")}
-
-
-class SearchError(UserError, ValueError):
-    """A problem with an index or a query that the user can fix."""
 
 
 class ImageIndex:
@@ -174,42 +166,6 @@ def load_ann(folder, meta):
     return index
 
 
-def read_meta(folder):
-    path = os.path.join(folder, "index.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SearchError(f"cannot read {path} ({e}); rebuild the index with --rebuild") from None
-    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
-        raise SearchError(f"{path} is not a format-{FORMAT} index; rebuild the index with --rebuild")
-    if meta["format"] == 1:
-        meta = {**meta, "index_type": "flat", "ann": None}
-    missing = sorted(REQUIRED_KEYS - meta.keys())
-    if missing:
-        raise SearchError(f"{path} lacks {', '.join(missing)}; rebuild the index with --rebuild")
-    files = meta["files"]
-    n = len(files) if isinstance(files, list) else -1
-    well_typed = (isinstance(meta["root"], str) and isinstance(meta["embeddings"], str)
-                  and isinstance(meta["dim"], int) and n >= 0 and all(isinstance(f, str) for f in files)
-                  and all(isinstance(meta[k], list) and len(meta[k]) == n and all(isinstance(v, int) for v in meta[k])
-                          for k in ("sizes", "mtimes"))
-                  and isinstance(meta["checkpoint"], dict)
-                  and all(isinstance(meta["checkpoint"].get(k), str) for k in ("path", "sha256"))
-                  and meta["index_type"] in ann.KINDS
-                  and (meta["ann"] is None if meta["index_type"] == "flat" else isinstance(meta["ann"], str)))
-    if not well_typed:
-        raise SearchError(f"{path} has fields of the wrong type; rebuild the index with --rebuild")
-    # Lexical containment for every name (cheap); links are resolved when a file is served (ImageIndex.path).
-    outside = [f for f in files if not f or f.startswith("/") or "\\" in f or ".." in f.split("/")]
-    if outside:
-        raise SearchError(f"{path} names a file outside its root ('{outside[0][:80]}'); rebuild the index with "
-                          f"--rebuild")
-    return meta
-
-
 def build_index(encoder, images_root, out, rebuild=False, progress=True, index_type=None, nlist=None, m=None,
                 ef_construction=None):
     """Create or update the index at `out` from every image under `images_root`; returns a summary dict.
@@ -219,8 +175,10 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     """
     require_folder(images_root, "image folder", "pass --images the folder that holds the images")
     root = os.path.abspath(images_root)
+    check_output_folder(out)
     try:
-        current = read_meta(out)
+        current = read_meta(out, advice="the folder holds another index, or a damaged one: choose another "
+                                        "--output, or pass --rebuild to replace it")
     except SearchError:
         if not rebuild:
             raise
@@ -295,22 +253,3 @@ def _ann_structure(out, old, kind, rows, appended_only, settings):
         raise SearchError(f"an ivf index needs at least {ann.MIN_ROWS_PER_LIST} images, got {len(rows)}; "
                           f"use --index-type flat (exact, and fast at this size)")
     return ann.build(rows, kind, **settings), "built"
-
-
-def write_index(out, meta, embeddings, structure=None):
-    """Embeddings and the ANN structure go to fresh file names; replacing index.json is the single step that
-    makes them current, so an interrupted run leaves the previous index intact."""
-    os.makedirs(out, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    name, ann_name = f"embeddings-{tag}.npy", None if structure is None else f"ann-{tag}.faiss"
-    atomic_write(os.path.join(out, name), lambda f: np.save(f, embeddings), binary=True)
-    if structure is not None:
-        ann.save(structure, os.path.join(out, ann_name))
-    meta = {**meta, "embeddings": name, "ann": ann_name}
-    atomic_write(os.path.join(out, "index.json"), lambda f: json.dump(meta, f))
-    for other in os.listdir(out):
-        stale = (other.startswith("embeddings-") and other.endswith(".npy") and other != name) or \
-                (other.startswith("ann-") and other.endswith(".faiss") and other != ann_name)
-        if stale:
-            os.remove(os.path.join(out, other))
-

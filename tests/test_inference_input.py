@@ -1,7 +1,6 @@
 """Bad input to eval.py and the inference entries: each mistake is one line that says what the path is and what
 to do, refused before any work; nothing already written is lost, and nothing outside the given folders is read,
 written or served."""
-import io
 import json
 import os
 import shutil
@@ -160,3 +159,28 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(tiny, tmp_path):
     message = fails(lambda: search.main(["query", "--model-path", str(tiny["checkpoint"]), "--captions",
                                          str(folder), "--image", image]))
     assert "is a folder, not a file" in message
+
+
+# ---------------------------------------------------------------------- 4. index --output
+def index_args(tiny, out, *extra):
+    return ["index", "--model-path", str(tiny["checkpoint"]), "--images", str(tiny["images"]), "--output", str(out),
+            "--num-workers", "0", "--device", "cpu", *extra]
+
+
+def test_index_output_that_is_a_file_or_holds_something_else(tiny, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert "is a file, not a folder" in fails(lambda: search.main(index_args(tiny, afile)))
+    assert afile.read_text() == "keep me"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "index.json").write_text(json.dumps({"format": 7, "owner": "another tool"}))
+    message = fails(lambda: search.main(index_args(tiny, busy)))
+    assert "holds another index" in message and "another --output" in message and "--rebuild" in message
+    assert json.loads((busy / "index.json").read_text())["owner"] == "another tool"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "embeddings-mine.npy").write_bytes(b"my own file")
+    message = fails(lambda: search.main(index_args(tiny, home, "--rebuild")))
+    assert "not an index" in message and "another --output" in message
+    assert (home / "embeddings-mine.npy").read_bytes() == b"my own file" and not (home / "index.json").exists()
