@@ -150,17 +150,26 @@ def check_templates(templates):
     templates = [t.strip() for t in templates if t.strip()]
     if not templates:
         raise InferenceError("no prompt templates given; each template is a line holding {} for the label")
-    missing = [t for t in templates if "{}" not in t]
-    if missing:
-        raise InferenceError(f"template '{missing[0]}' has no {{}} where the label goes")
+    for t in templates:  # str.replace would write the label into every {}
+        if t.count("{}") != 1:
+            where = "has no {}" if "{}" not in t else f"has {t.count('{}')} {{}}s; it must hold exactly one {{}}"
+            raise InferenceError(f"template '{t}' {where} where the label goes")
     return templates
 
 
 def read_lines(path, what):
-    """Non-empty stripped lines of a UTF-8 text file (labels, templates, captions)."""
-    require_file(path, f"{what} file", f"pass a text file with one {what[:-1]} per line")
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    """Non-empty stripped lines of a UTF-8 text file (labels, templates, captions); anything else (an image
+    passed by mistake) is an InferenceError, never lines of garbage."""
+    advice = f"pass a UTF-8 text file with one {what[:-1]} per line"
+    require_file(path, f"{what} file", advice)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise InferenceError(f"{what} file '{path}' is not UTF-8 text; {advice}") from None
+    if "\0" in text:
+        raise InferenceError(f"{what} file '{path}' is not UTF-8 text (it holds NUL bytes); {advice}")
+    return [line.strip() for line in text.split("\n") if line.strip()]
 
 
 def list_images(root):

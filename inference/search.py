@@ -22,7 +22,7 @@ from dataset import read_captions_csv
 from engine.errors import run_entry
 from engine.files import require_file
 from inference import ann
-from inference.encoder import Encoder
+from inference.encoder import Encoder, read_lines
 from inference.index import ImageIndex, SearchError, build_index
 
 
@@ -139,8 +139,7 @@ def read_captions_file(path):
     if path.lower().endswith(".csv"):
         captions = [values[0] for _, values in read_captions_csv(path, columns=("caption",))]
     else:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            captions = [" ".join(line.split()) for line in f]
+        captions = [" ".join(line.split()) for line in read_lines(path, "captions")]
     captions = list(dict.fromkeys(c for c in captions if c))  # unique, in file order
     if not captions:
         raise SearchError(f"{path} holds no captions")

@@ -184,3 +184,21 @@ def test_index_output_that_is_a_file_or_holds_something_else(tiny, tmp_path):
     message = fails(lambda: search.main(index_args(tiny, home, "--rebuild")))
     assert "not an index" in message and "another --output" in message
     assert (home / "embeddings-mine.npy").read_bytes() == b"my own file" and not (home / "index.json").exists()
+
+
+# ---------------------------------------------------------------------- 5. text files that are not text
+def test_non_utf8_text_files_and_bad_templates_are_one_line_errors(tiny, tmp_path, capsys):
+    picture, image = jpeg(tmp_path / "labels.jpg"), image_path(tiny)
+    for args in (["--labels-file", str(picture)], ["--labels", "a,b", "--templates-file", str(picture)]):
+        message = fails(lambda: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, *args]))
+        assert "not UTF-8 text" in message and str(picture) in message
+    message = fails(lambda: search.main(["query", "--model-path", str(tiny["checkpoint"]), "--captions",
+                                         str(picture), "--image", image]))
+    assert "not UTF-8 text" in message and capsys.readouterr().out.isprintable()
+    with pytest.raises(InferenceError, match="exactly one {}"):
+        check_templates(["a photo of a {}.", "a {} and {}"])
+    templates = tmp_path / "t.txt"
+    templates.write_text("a {} and {}\n")
+    message = fails(lambda: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image,
+                                           "--labels", "a,b", "--templates-file", str(templates)]))
+    assert "exactly one {}" in message
