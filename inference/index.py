@@ -195,8 +195,14 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     if kind != "flat":
         _need_faiss(out, kind)  # before encoding anything
     names = list_images(root)
+    outside = {n for n in names if inside(root, n) is None}  # links that lead out: never read nor served
+    for name in sorted(outside):
+        print(f"skipped {name}: a link that resolves outside '{images_root}'; copy the file in instead",
+              file=sys.stderr)
+    names = [n for n in names if n not in outside]
     if not names:
-        raise SearchError(f"no .jpg/.jpeg/.png/.webp images under '{images_root}'")
+        raise SearchError(f"no .jpg/.jpeg/.png/.webp images under '{images_root}'"
+                          + (f" ({len(outside)} links lead outside it)" if outside else ""))
     stats = {n: os.stat(os.path.join(root, n)) for n in names}
     identity = encoder.identity()
 
@@ -234,7 +240,7 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     write_index(out, meta, rows, structure)
     removed = 0 if old is None else len(set(old["files"]) - set(names))
     return {"images": len(files), "new": len(kept), "unchanged": len(keep), "removed": removed,
-            "failed": len(failed), "index_type": kind, "ann": action}
+            "failed": len(failed), "outside": len(outside), "index_type": kind, "ann": action}
 
 
 def _ann_structure(out, old, kind, rows, appended_only, settings):

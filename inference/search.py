@@ -7,7 +7,8 @@
                                                                                                   # image -> text
 
 Running `index` again on a grown folder encodes only new or changed files and drops deleted ones (see
-inference/index.py for the format and how each index type is updated). Index types, for large collections:
+inference/index.py for the format and how each index type is updated); links that lead out of the folder are
+skipped and counted. Index types, for large collections:
 
     ... index ... --index-type flat     exact (default); embeddings memory-mapped and scanned in blocks
     ... index ... --index-type ivf  [--nlist N]                  approximate, through FAISS (pip install faiss-cpu)
@@ -83,7 +84,8 @@ def run_index(a):
                           m=a.m, ef_construction=a.ef_construction)
     structure = f"; {summary['index_type']} structure {summary['ann']}" if summary["ann"] else ""
     print(f"{summary['index_type']} index {a.output}: {summary['images']} images ({summary['new']} encoded, "
-          f"{summary['unchanged']} unchanged, {summary['removed']} removed, {summary['failed']} failed to decode)"
+          f"{summary['unchanged']} unchanged, {summary['removed']} removed, {summary['failed']} failed to decode, "
+          f"{summary['outside']} outside the folder skipped)"
           f"{structure}")
     return summary
 
@@ -129,7 +131,8 @@ def run_query(a):
     print(f"{kind}: {a.text!r} over {len(index)} images ({index.kind})" if a.text is not None
           else f"{kind}: {a.image} over {len(index)} images ({index.kind})")
     for res in results:
-        print(f"{res['rank']:4d}  {res['score']:.4f}  {res['path']}")
+        shown = res["path"] or f"{index.files[res['id']]} (now outside {index.root}: run index again)"
+        print(f"{res['rank']:4d}  {res['score']:.4f}  {shown}")
     return results
 
 

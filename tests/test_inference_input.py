@@ -202,3 +202,22 @@ def test_non_utf8_text_files_and_bad_templates_are_one_line_errors(tiny, tmp_pat
     message = fails(lambda: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image,
                                            "--labels", "a,b", "--templates-file", str(templates)]))
     assert "exactly one {}" in message
+
+
+# ---------------------------------------------------------------------- 6. links out of the image folder
+def test_indexing_skips_files_that_resolve_outside_the_folder(tiny, tmp_path, capsys):
+    grow, elsewhere = tmp_path / "grow", tmp_path / "h"
+    grow.mkdir()
+    elsewhere.mkdir()
+    for i in range(2):
+        shutil.copy(image_path(tiny, i), grow / f"{i}.jpg")
+    shutil.copy(image_path(tiny, 2), elsewhere / "gray.jpg")
+    os.symlink(elsewhere / "gray.jpg", grow / "link.jpg")
+    os.symlink(grow / "0.jpg", grow / "inner.jpg")  # a link that stays inside is indexed
+    summary = search.main(index_args(tiny, tmp_path / "i", "--images", str(grow)))
+    assert summary["images"] == 3 and summary["outside"] == 1
+    printed = capsys.readouterr()
+    assert "1 outside the folder" in printed.out and "link.jpg" in printed.err
+    index = search_index.ImageIndex.load(str(tmp_path / "i"))
+    assert sorted(index.files) == ["0.jpg", "1.jpg", "inner.jpg"]
+    assert all(index.path(i) is not None for i in range(len(index)))
