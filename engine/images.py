@@ -41,10 +41,10 @@ def check_size(width, height, limits, name):
         raise ImageTooLarge(f"image {name} is {width}x{height} pixels: empty")
     if width * height > limits.max_pixels:
         raise ImageTooLarge(f"image {name} is {width}x{height} = {width * height / 1e6:.1f} MP, over the "
-                            f"{limits.max_pixels / 1e6:g} MP limit (max-image-pixels); shrink it or raise the limit")
+                            f"{limits.max_pixels / 1e6:g} MP limit; shrink it or raise --max-image-pixels")
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        raise ImageTooLarge(f"image {name} is {width}x{height}, an aspect ratio over {limits.max_aspect_ratio:g} "
-                            f"(max-aspect-ratio); crop it or raise the limit")
+        raise ImageTooLarge(f"image {name} is {width}x{height}, an aspect ratio over {limits.max_aspect_ratio:g}; "
+                            f"crop it or raise --max-aspect-ratio")
 
 
 def load_image(path, min_size=None, limits=DEFAULT_LIMITS):

@@ -25,18 +25,7 @@ from engine.files import require_file
 from inference import ann
 from inference.encoder import Encoder, read_lines
 from inference.index import ImageIndex, SearchError, build_index
-
-
-def worker_count(value):
-    if value == "auto" or value.isdigit():
-        return value if value == "auto" else int(value)
-    raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got '{value}'")
-
-
-def positive_int(value):
-    if not value.lstrip("-").isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got '{value}'")
-    return int(value)
+from inference.options import add_image_limits, image_limits, positive_int, worker_count
 
 
 def parse_args(argv):
@@ -75,11 +64,13 @@ def parse_args(argv):
         s.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
         s.add_argument("--device", default="auto", help="auto, cpu or cuda")
         s.add_argument("--batch-size", type=positive_int, default=64, help="images or texts encoded at once")
+        add_image_limits(s)
     return p.parse_args(argv)
 
 
 def run_index(a):
-    encoder = Encoder(a.model_path, a.device, a.text_model, batch_size=a.batch_size, num_workers=a.num_workers)
+    encoder = Encoder(a.model_path, a.device, a.text_model, batch_size=a.batch_size, num_workers=a.num_workers,
+                      limits=image_limits(a))
     summary = build_index(encoder, a.images, a.output, rebuild=a.rebuild, index_type=a.index_type, nlist=a.nlist,
                           m=a.m, ef_construction=a.ef_construction)
     structure = f"; {summary['index_type']} structure {summary['ann']}" if summary["ann"] else ""
@@ -102,7 +93,8 @@ def run_query(a):
         raise SearchError("--nprobe and --ef-search tune the search of an --index; leave them out with --captions")
     if a.model_path is None and index is None:
         raise SearchError("pass --model-path (or an --index, whose checkpoint is then used)")
-    encoder = Encoder(a.model_path or index.model_path(), a.device, a.text_model, batch_size=a.batch_size)
+    encoder = Encoder(a.model_path or index.model_path(), a.device, a.text_model, batch_size=a.batch_size,
+                      limits=image_limits(a))
     if index is not None:
         index.check_encoder(encoder)
 

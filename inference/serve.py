@@ -27,12 +27,12 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 
-from engine.errors import DataError
-from engine.errors import run_entry
+from engine.errors import DataError, run_entry
 from engine.images import ImageLimits, ImageTooLarge, check_size
 from inference import ann
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
-from inference.index import ImageIndex, SearchError
+from inference.index import ImageIndex
+from inference.options import add_image_limits, megapixels, positive_float, positive_int
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow decoders an upload may use
@@ -229,10 +229,11 @@ def parse_args(argv):
     p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MB")
-    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image, in megapixels")
-    p.add_argument("--max-aspect-ratio", type=float, default=20.0, help="largest long side / short side accepted")
-    p.add_argument("--max-k", type=int, default=100, help="most results one request may ask for")
+    p.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest accepted upload, in MB")
+    add_image_limits(p)
+    p.add_argument("--max-megapixels", dest="max_image_pixels", type=megapixels, default=argparse.SUPPRESS,
+                   help="--max-image-pixels in millions (its former name)")
+    p.add_argument("--max-k", type=positive_int, default=100, help="most results one request may ask for")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--nprobe", type=int, help=f"ivf: lists scanned per query (more: slower and closer to exact). "
                                               f"Left out: {ann.DEFAULT_NPROBE}, capped at nlist")
@@ -242,9 +243,7 @@ def parse_args(argv):
 
 
 def run(a):
-    if a.max_upload_mb <= 0 or a.max_megapixels <= 0 or a.max_k < 1 or a.max_aspect_ratio < 1:
-        raise SearchError("--max-upload-mb, --max-megapixels and --max-k must be positive, --max-aspect-ratio >= 1")
-    app = create_app(a.model_path, a.index, a.max_upload_mb, int(a.max_megapixels * 1e6), a.max_k, a.device,
+    app = create_app(a.model_path, a.index, a.max_upload_mb, a.max_image_pixels, a.max_k, a.device,
                      a.text_model, a.max_aspect_ratio, nprobe=a.nprobe, ef_search=a.ef_search)
     import uvicorn  # only needed to listen; tests drive the app directly
 

@@ -221,3 +221,24 @@ def test_indexing_skips_files_that_resolve_outside_the_folder(tiny, tmp_path, ca
     index = search_index.ImageIndex.load(str(tmp_path / "i"))
     assert sorted(index.files) == ["0.jpg", "1.jpg", "inner.jpg"]
     assert all(index.path(i) is not None for i in range(len(index)))
+
+
+# ---------------------------------------------------------------------- 8. the same limit flags everywhere
+def test_every_entry_takes_the_image_limit_flags_named_as_in_the_config(tiny, tmp_path):
+    a = serve.parse_args(["--index", "x", "--max-image-pixels", "1000", "--max-aspect-ratio", "2.5"])
+    assert (a.max_image_pixels, a.max_aspect_ratio) == (1000, 2.5)
+    assert serve.parse_args(["--index", "x", "--max-megapixels", "2"]).max_image_pixels == 2_000_000  # old name
+    assert serve.parse_args(["--index", "x"]).max_image_pixels == 40_000_000
+    image = image_path(tiny)
+    message = fails(lambda: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image,
+                                           "--labels", "a,b", "--max-image-pixels", "100"]))
+    assert "raise --max-image-pixels" in message
+    wide = str(jpeg(tmp_path / "wide.jpg", (40, 30)))
+    message = fails(lambda: search.main(["query", "--model-path", str(tiny["checkpoint"]), "--captions",
+                                         str(tiny["captions"]), "--image", wide, "--max-aspect-ratio", "1.2"]))
+    assert "raise --max-aspect-ratio" in message
+    message = fails(lambda: search.main(index_args(tiny, tmp_path / "i", "--max-image-pixels", "100")))
+    assert "could be decoded" in message and not (tmp_path / "i").exists()
+    ok = classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, "--labels", "a,b",
+                        "--max-image-pixels", "1000000", "--max-aspect-ratio", "1.5"])
+    assert len(ok[0]["labels"]) == 2
