@@ -16,8 +16,10 @@ unless --host says otherwise. Images are only ever read from the file names stor
 size-limited, decoded from memory, and refused above a pixel count.
 """
 import argparse
+import errno
 import io
 import os
+import socket
 import threading
 from functools import lru_cache
 
@@ -27,12 +29,12 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 
-from engine.errors import DataError, run_entry
+from engine.errors import DataError, UserError, run_entry
 from engine.images import ImageLimits, ImageTooLarge, check_size
 from inference import ann
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
 from inference.index import ImageIndex
-from inference.options import add_image_limits, megapixels, positive_float, positive_int
+from inference.options import add_image_limits, megapixels, port, positive_float, positive_int
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow decoders an upload may use
@@ -228,7 +230,7 @@ def parse_args(argv):
     p.add_argument("--model-path", help="checkpoint; default: the one the index was built with")
     p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=port, default=8000, help="TCP port, 1 to 65535")
     p.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest accepted upload, in MB")
     add_image_limits(p)
     p.add_argument("--max-megapixels", dest="max_image_pixels", type=megapixels, default=argparse.SUPPRESS,
@@ -242,16 +244,32 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def listen_socket(host, port):
+    """A socket bound to host:port the way uvicorn binds one, or a one-line error when it cannot be: uvicorn's
+    own failure is a multi-line log and exit status 3."""
+    sock = socket.socket(family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (by another server?); pick another with --port") from None
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
+    return sock
+
+
 def run(a):
     app = create_app(a.model_path, a.index, a.max_upload_mb, a.max_image_pixels, a.max_k, a.device,
                      a.text_model, a.max_aspect_ratio, nprobe=a.nprobe, ef_search=a.ef_search)
     import uvicorn  # only needed to listen; tests drive the app directly
 
+    sock = listen_socket(a.host, a.port)  # held from here on: no other server can take the port meanwhile
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {a.host}: anyone who can reach this machine can use the service")
     index = app.state.service.index
     print(f"serving {len(index)} images ({index.kind} index) on http://{a.host}:{a.port}/ (API docs at /docs)")
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).run(sockets=[sock])
     return app
 
 

@@ -223,6 +223,24 @@ def test_indexing_skips_files_that_resolve_outside_the_folder(tiny, tmp_path, ca
     assert all(index.path(i) is not None for i in range(len(index)))
 
 
+# ---------------------------------------------------------------------- 7. serve --port
+@pytest.mark.parametrize("port", ["99999", "-1", "0", "http"])
+def test_a_port_out_of_range_is_a_usage_error(port, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.parse_args(["--index", "x", "--port", port])
+    assert e.value.code == 2 and "1 to 65535" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_one_line_before_serving(tiny, index_dir, monkeypatch):
+    monkeypatch.setattr(serve, "Encoder", lambda *a, **k: Encoder(str(tiny["checkpoint"]), "cpu"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        message = fails(lambda: serve.main(["--index", str(index_dir), "--device", "cpu", "--port", str(port)]))
+    assert f"port {port}" in message and "in use" in message and "--port" in message
+
+
 # ---------------------------------------------------------------------- 8. the same limit flags everywhere
 def test_every_entry_takes_the_image_limit_flags_named_as_in_the_config(tiny, tmp_path):
     a = serve.parse_args(["--index", "x", "--max-image-pixels", "1000", "--max-aspect-ratio", "2.5"])
