@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 
 from engine.errors import DataError, UserError, run_entry
-from engine.images import ImageLimits, ImageTooLarge, check_size
+from engine.images import ImageLimits, ImageTooLarge, check_size, decode_size
 from inference import ann
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
 from inference.index import ImageIndex
@@ -69,14 +69,14 @@ class Service:
             raise HTTPException(400, "the upload is empty; send an image file in the field 'file'")
         try:
             with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as probe:
-                width, height = probe.size
+                width, height = decode_size(probe, self.encoder.image_size)  # as engine.images.load_image does
         except Image.DecompressionBombError:
             raise HTTPException(413, "image has too many pixels for this server") from None
         except UnidentifiedImageError:
             raise HTTPException(415, f"not an image this server reads ({', '.join(UPLOAD_FORMATS)})") from None
         except (OSError, SyntaxError, ValueError):
             raise HTTPException(400, "the image header cannot be read; the file is corrupt") from None
-        try:  # the header's size against the limits, before any pixel is decoded
+        try:  # the decoded size (from the header) against the limits, before any pixel is decoded
             check_size(width, height, self.encoder.enc.limits, "upload")
         except ImageTooLarge as e:
             raise HTTPException(413, str(e)) from None

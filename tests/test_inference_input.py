@@ -260,3 +260,20 @@ def test_every_entry_takes_the_image_limit_flags_named_as_in_the_config(tiny, tm
     ok = classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, "--labels", "a,b",
                         "--max-image-pixels", "1000000", "--max-aspect-ratio", "1.5"])
     assert len(ok[0]["labels"]) == 2
+
+
+# ---------------------------------------------------------------------- 9. one pixel count for uploads and files
+def test_server_and_classify_measure_a_jpeg_at_its_reduced_decoding_scale(tiny, index_dir, tmp_path):
+    big = jpeg(tmp_path / "big.jpg", (2000, 2000))  # 4 MP; 250 x 250 at the 1/8 scale a 32-px model decodes at
+    for limit, accepted in ((1_000_000, True), (10_000, False)):
+        app = serve.create_app(str(tiny["checkpoint"]), str(index_dir), max_pixels=limit, device="cpu")
+        with TestClient(app) as client:
+            r = client.post("/api/classify", data={"labels": "a,b"},
+                            files={"file": ("big.jpg", big.read_bytes(), "image/jpeg")})
+        args = ["--model-path", str(tiny["checkpoint"]), "--image", str(big), "--labels", "a,b",
+                "--max-image-pixels", str(limit)]
+        if accepted:
+            assert r.status_code == 200 and len(classify.main(args)[0]["labels"]) == 2
+        else:
+            assert r.status_code == 413 and "250x250" in r.json()["detail"]
+            assert "250x250" in fails(lambda: classify.main(args))
