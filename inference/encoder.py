@@ -135,11 +135,13 @@ def zero_shot_probs(image_feats, label_feats, logit_scale):
     return torch.softmax(logit_scale * image_feats @ label_feats.T, dim=-1)
 
 
-def check_labels(labels):
+def check_labels(labels, how="pass at least one, e.g. --labels 'cat,dog'"):
+    """Labels with whitespace collapsed and blanks dropped; none, or one twice, is an error (`how`: the advice
+    of the entry that asks, e.g. the form field of the web API)."""
     labels = [" ".join(str(x).split()) for x in labels]
     labels = [x for x in labels if x]
     if not labels:
-        raise InferenceError("no labels given: pass at least one, e.g. --labels 'cat,dog'")
+        raise InferenceError(f"no labels given: {how}")
     duplicates = sorted(x for x, n in Counter(labels).items() if n > 1)  # linear: a request may send many
     if duplicates:
         raise InferenceError(f"label(s) given twice: {', '.join(duplicates)}")

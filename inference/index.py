@@ -116,8 +116,11 @@ class ImageIndex:
             return torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
         if self.ann is not None:
             scores, ids = ann.search(self.ann, queries.float().numpy(), k, self.nprobe, self.ef_search)
-            return torch.from_numpy(scores), torch.from_numpy(ids)
-        return exact_search(self.embeddings, queries.float(), k, BLOCK_ROWS)
+            scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
+        else:
+            scores, ids = exact_search(self.embeddings, queries.float(), k, BLOCK_ROWS)
+        # float16 rows have norms off 1 by up to ~1e-3: a cosine is reported within [-1, 1] (ordering unchanged)
+        return torch.where(ids >= 0, scores.clamp(-1, 1), scores), ids
 
     def check_encoder(self, encoder):
         """Refuse to search with a model other than the one the images were encoded with."""

@@ -109,6 +109,7 @@ def run_query(a):
     if a.captions:
         captions = read_captions_file(a.captions)
         scores, ids = (query @ encoder.encode_texts(captions).T).topk(min(a.k, len(captions)), dim=1)
+        scores = scores.clamp(-1, 1)  # cosines of unit vectors, up to float rounding
         results = [{"rank": r + 1, "score": float(s), "caption": captions[i]}
                    for r, (s, i) in enumerate(zip(scores[0].tolist(), ids[0].tolist()))]
         print(f"image -> text: {a.image} against {len(captions)} captions")

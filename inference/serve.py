@@ -23,7 +23,8 @@ import socket
 import threading
 from functools import lru_cache
 
-from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
@@ -99,6 +100,18 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
+async def one_upload(request: Request):
+    """Refuse a form with several `file` parts, of which FastAPI would silently keep the last."""
+    if len((await request.form()).getlist("file")) > 1:  # the form FastAPI parsed already: cached, not re-read
+        raise HTTPException(400, "send one file in the field 'file', not several")
+
+
+async def validation_error(request: Request, exc: RequestValidationError):
+    """FastAPI's 422 without the `input` it echoes (a 100 kB bad value would come back whole)."""
+    return JSONResponse({"detail": [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")}
+                                    for e in exc.errors()]}, status_code=422)
+
+
 def check_k(svc, k):
     if k > svc.max_k:
         raise HTTPException(422, f"k is at most {svc.max_k}")
@@ -115,10 +128,13 @@ def health(request: Request):
 
 @router.get("/api/search")
 def search_text(request: Request,
-                q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="text query"),
+                q: str = Query(..., min_length=1, description=f"text query, at most {MAX_QUERY_CHARS} characters"),
                 k: int = K_QUERY):
     svc = service(request)
     check_k(svc, k)
+    if len(q) > MAX_QUERY_CHARS:  # checked here: FastAPI's own max_length error echoes the whole query back
+        raise HTTPException(422, f"the query has {len(q)} characters; at most {MAX_QUERY_CHARS} characters are "
+                                 f"accepted")
     if not q.strip():
         raise HTTPException(422, "the query is blank")
     with svc.lock:
@@ -126,7 +142,7 @@ def search_text(request: Request,
         return {"query": q, **svc.results(*svc.index.search(query, k))}
 
 
-@router.post("/api/search/image")
+@router.post("/api/search/image", dependencies=[Depends(one_upload)])
 def search_image(request: Request, file: UploadFile = File(..., description="query image"), k: int = K_QUERY):
     svc = service(request)
     check_k(svc, k)
@@ -136,14 +152,14 @@ def search_image(request: Request, file: UploadFile = File(..., description="que
         return svc.results(*svc.index.search(query, k))
 
 
-@router.post("/api/classify")
+@router.post("/api/classify", dependencies=[Depends(one_upload)])
 def classify(request: Request, file: UploadFile = File(..., description="image to classify"),
              labels: str = Form(..., description="comma-separated labels, e.g. cat,dog,car")):
     svc = service(request)
     if labels.count(",") >= MAX_LABELS:  # before any per-label work
         raise HTTPException(422, f"at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters each")
     try:
-        names = check_labels(labels.split(","))
+        names = check_labels(labels.split(","), how="send at least one in the form field 'labels', e.g. cat,dog")
     except InferenceError as e:
         raise HTTPException(422, str(e)) from None
     if len(names) > MAX_LABELS or max(len(n) for n in names) > MAX_LABEL_CHARS:
@@ -186,6 +202,7 @@ def create_app(model_path, index_dir, max_upload_mb=10.0, max_pixels=40_000_000,
     app = FastAPI(title="Image-text retrieval",
                   description="Search an image index by text or by image, and classify images zero-shot.")
     app.state.service = Service(encoder, index, max_upload_mb, max_k)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(BodyLimit, max_bytes=app.state.service.max_upload + FORM_OVERHEAD, limit_mb=max_upload_mb)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")

@@ -277,3 +277,30 @@ def test_server_and_classify_measure_a_jpeg_at_its_reduced_decoding_scale(tiny, 
         else:
             assert r.status_code == 413 and "250x250" in r.json()["detail"]
             assert "250x250" in fails(lambda: classify.main(args))
+
+
+# ---------------------------------------------------------------------- 10. the HTTP API
+def test_http_errors_use_http_wording_and_never_echo_the_input(client, tiny):
+    good = open(image_path(tiny), "rb").read()
+    r = client.post("/api/classify", data={"labels": ",,,"}, files={"file": ("a.jpg", good, "image/jpeg")})
+    assert r.status_code == 422 and "no labels" in r.json()["detail"] and "--labels" not in r.json()["detail"]
+    assert "'labels'" in r.json()["detail"]
+    r = client.get("/api/search", params={"q": "x" * 60_000})  # httpx caps a URL query at 64 kB
+    assert r.status_code == 422 and "at most 500 characters" in r.json()["detail"] and len(r.content) < 300
+    r = client.get("/api/search", params={"q": "red", "k": "y" * 5000})
+    assert r.status_code == 422 and "valid integer" in str(r.json()["detail"]) and "yyyy" not in r.text
+    files = [("file", ("a.jpg", good, "image/jpeg")), ("file", ("b.jpg", good, "image/jpeg"))]
+    for url, data in (("/api/search/image", None), ("/api/classify", {"labels": "a,b"})):
+        r = client.post(url, data=data, files=files)
+        assert r.status_code == 400 and "one file" in r.json()["detail"]
+    assert client.get("/api/health").status_code == 200
+
+
+def test_reported_cosine_scores_stay_within_one(tmp_path):
+    rows = np.array([[1.001, 0.0], [0.0, -1.001], [0.6, 0.8]], dtype=np.float16)  # float16 rounding: norms over 1
+    meta = {"root": str(tmp_path), "files": ["a.jpg", "b.jpg", "c.jpg"], "index_type": "flat", "checkpoint": {}}
+    index = search_index.ImageIndex(str(tmp_path), meta, rows)
+    scores, ids = index.search(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), 3)
+    assert scores[0, 0].item() == 1.0 and ids[0, 0].item() == 0
+    assert scores[1, 2].item() == -1.0 and ids[1, 2].item() == 1
+    assert scores.abs().max().item() <= 1.0
