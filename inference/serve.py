@@ -286,7 +286,10 @@ def run(a):
         print(f"note: listening on {a.host}: anyone who can reach this machine can use the service")
     index = app.state.service.index
     print(f"serving {len(index)} images ({index.kind} index) on http://{a.host}:{a.port}/ (API docs at /docs)")
-    uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C is how a server stops: it has shut down cleanly (as uvicorn.run treats it)
+        pass
     return app
 
 
