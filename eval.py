@@ -8,9 +8,16 @@ style) and one caption per image (the reference run's protocol, the caption chos
 
 The model is rebuilt from the config stored inside the checkpoint. train.py's per-epoch validation runs the
 same `engine.evaluation.evaluate`, so the two always agree.
+
+`output` is checked before anything is evaluated: it may be a new file, or the JSON of an earlier run of this same
+evaluation (checkpoint and valid-root), which is replaced; metrics of another checkpoint or dataset are replaced
+only with `--overwrite true`, and any other file is never replaced.
 """
+import json
+import os
+
 from engine.checkpoint import load_trained
-from engine.config import Schema, at_least, format_config, load_config, one_of, positive, workers
+from engine.config import ConfigError, Schema, at_least, format_config, load_config, one_of, positive, workers
 from engine.errors import run_entry
 from engine.evaluation import Encoding, evaluate
 from engine.files import write_json
@@ -31,12 +38,18 @@ SCHEMA = Schema({
     "device": ("auto", (str,), "auto, cpu or cuda"),
     "text-model": (None, (str, type(None)), "tokenizer/config folder; null = the one named in the checkpoint"),
     "output": ("checkpoints/eval.json", (str,), "where the metrics are written as JSON"),
+    "overwrite": (False, (bool,), "replace an output holding the metrics of another checkpoint or valid-root"),
 })
+DESCRIPTION = ("Evaluate a retrieval checkpoint. The output JSON of an earlier run with the same model-path and "
+               "valid-root is replaced; one with another checkpoint's metrics only with --overwrite true; any "
+               "other existing file is never replaced.")
+METRICS_KEYS = {"image_to_text", "text_to_image", "rsum", "checkpoint", "valid_root"}  # what eval writes
 
 
 def run(argv):
-    cfg = load_config(SCHEMA, argv, "configs/eval.yaml", "Evaluate a retrieval checkpoint.")
+    cfg = load_config(SCHEMA, argv, "configs/eval.yaml", DESCRIPTION)
     print("config:\n" + format_config(cfg))
+    check_output(cfg)
     device = resolve_device(cfg["device"])
     model, tokenizer, run_cfg = load_trained(cfg["model-path"], device, cfg["text-model"])
     enc = Encoding(run_cfg["image-size"], run_cfg["max-length"], cfg["batch-size"], cfg["num-workers"], device,
@@ -49,6 +62,46 @@ def run(argv):
     write_json(cfg["output"], {**metrics, "checkpoint": cfg["model-path"], "valid_root": cfg["valid-root"]})
     print(f"metrics written to {cfg['output']}")
     return metrics
+
+
+def check_output(cfg):
+    """Refuse, before any work, an output that cannot take the metrics or would replace what eval must not."""
+    out = cfg["output"]
+    if not out.strip():
+        raise ConfigError("output is empty; pass --output a JSON file path, e.g. checkpoints/eval.json")
+    if os.path.isdir(out):
+        raise ConfigError(f"output '{out}' is a folder; pass --output a file path, e.g. "
+                          f"{os.path.join(out, 'eval.json')}")
+    if not os.path.lexists(out):
+        folder = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(folder):  # the nearest existing folder, where the missing ones will be made
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ConfigError(f"output '{out}' cannot be written: '{folder}' is "
+                              f"{'not a writable folder' if os.path.isdir(folder) else 'a file, not a folder'}; "
+                              f"choose another --output")
+        return
+    previous = read_metrics(out)
+    if previous is None:
+        raise ConfigError(f"output '{out}' exists and is not a metrics file written by eval.py; it is left "
+                          f"untouched: choose another --output")
+    same = [os.path.abspath(str(previous[k])) for k in ("checkpoint", "valid_root")] == \
+        [os.path.abspath(cfg[k]) for k in ("model-path", "valid-root")]
+    if not same and not cfg["overwrite"]:
+        raise ConfigError(f"output '{out}' holds the metrics of {previous['checkpoint']} on "
+                          f"{previous['valid_root']}; choose another --output or pass --overwrite true to replace it")
+
+
+def read_metrics(path, max_bytes=1 << 20):
+    """The dict in a metrics JSON that eval.py wrote at `path`, or None for any other file."""
+    if not os.path.isfile(path) or os.path.getsize(path) > max_bytes:  # eval's JSON is a few kB
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    return data if isinstance(data, dict) and METRICS_KEYS <= data.keys() else None
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import torch
 
 from engine.errors import UserError
 from engine.files import atomic_write
-from model import build_model, load_tokenizer, text_length_limit
+from model import ModelError, build_model, load_tokenizer, text_length_limit
 
 REQUIRED_KEYS = ("model", "config")
 
@@ -28,6 +28,11 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path, map_location="cpu"):
     """The checkpoint dict at `path`; a missing, truncated or foreign file is a one-line CheckpointError."""
+    if os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith(".pt"))[:3]
+        example = ", ".join(os.path.join(path, n) for n in found) or os.path.join(path, "best.pt")
+        raise CheckpointError(f"checkpoint '{path}' is a folder, not a checkpoint file; pass a file in it, "
+                              f"e.g. {example}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist; train one with train.py or fix the path")
     try:
@@ -49,13 +54,22 @@ def load_checkpoint(path, map_location="cpu"):
 def load_trained(path, device, text_model=None):
     """Model and tokenizer rebuilt from a checkpoint's stored config; returns (model, tokenizer, run_cfg).
 
-    `text_model` overrides the tokenizer/config folder recorded in the checkpoint (e.g. after moving it).
+    `text_model` overrides the tokenizer/config folder recorded in the checkpoint (e.g. after moving it); one
+    whose vocabulary does not fit the checkpoint's text tower is refused (`check_tokenizer`).
     """
     ckpt = load_checkpoint(path)
     run_cfg = dict(ckpt["config"])
+    trained_with = run_cfg["text-model"]
     if text_model is not None:
         run_cfg["text-model"] = text_model
     model = build_model(run_cfg, pretrained=False)
+    embedding = model.text.model.get_input_embeddings()
+    name = next((n for n, p in model.named_parameters() if p is embedding.weight), None)
+    stored = ckpt["model"].get(name) if isinstance(ckpt["model"], dict) else None
+    if isinstance(stored, torch.Tensor) and stored.ndim == 2 and stored.shape[0] != embedding.num_embeddings:
+        raise tokenizer_mismatch(path, run_cfg["text-model"], trained_with,
+                                 f"its config has {embedding.num_embeddings} tokens, the checkpoint's text tower "
+                                 f"{stored.shape[0]} tokens")
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -63,5 +77,34 @@ def load_trained(path, device, text_model=None):
                               f"({str(e).splitlines()[0][:120]}); the file is damaged or was edited") from None
     model.to(device).to(memory_format=torch.channels_last).eval()
     tokenizer = load_tokenizer(run_cfg["text-model"])
+    check_tokenizer(tokenizer, embedding.num_embeddings, path, run_cfg["text-model"], trained_with)
     run_cfg["max-length"] = min(run_cfg["max-length"], text_length_limit(model.text.model.config))
     return model, tokenizer, run_cfg
+
+
+def check_tokenizer(tokenizer, rows, path, folder, trained_with):
+    """Refuse a tokenizer that would feed the text tower other ids than training did: more tokens than the
+    embedding has `rows`, or (when `folder` overrides the recorded `trained_with` and that folder still exists)
+    a vocabulary that differs from the recorded one. Checkpoints store no fingerprint of their tokenizer, so a
+    changed tokenizer whose training folder is gone cannot be told apart."""
+    if len(tokenizer) > rows:
+        raise tokenizer_mismatch(path, folder, trained_with, f"its tokenizer has {len(tokenizer)} tokens, the "
+                                                             f"checkpoint's text tower {rows} tokens")
+    if folder == trained_with or not os.path.isdir(trained_with) or \
+            os.path.realpath(folder) == os.path.realpath(trained_with):
+        return
+    try:
+        original = load_tokenizer(trained_with)
+    except ModelError:  # the recorded folder holds no tokenizer any more: nothing to compare with
+        return
+    if original.get_vocab() != tokenizer.get_vocab():
+        raise tokenizer_mismatch(path, folder, trained_with, "its vocabulary gives tokens other ids than the "
+                                                             "tokenizer the checkpoint was trained with")
+
+
+def tokenizer_mismatch(path, folder, trained_with, why):
+    if folder == trained_with:
+        advice = "the folder has changed since training: restore it, or pass --text-model with the original"
+    else:
+        advice = f"pass --text-model the tokenizer folder it was trained with ({trained_with}) or a copy of it"
+    return CheckpointError(f"text-model '{folder}' does not fit the checkpoint '{path}' ({why}); {advice}")

@@ -7,13 +7,29 @@ id, so a later run can find and remove what a killed run left (`remove_stale_par
 import json
 import os
 
-from engine.errors import UserError
+from engine.errors import DataError, UserError
 
 PARTIAL = ".partial"
 
 
 class WriteError(UserError, OSError):
     """A file could not be written (disk full, no permission); the previous version is untouched."""
+
+
+def require_file(path, what, advice="fix the path"):
+    """`path` when it is an existing file; else a DataError that says whether it is missing or a folder."""
+    if os.path.isfile(path):
+        return path
+    kind = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+    raise DataError(f"{what} '{path}' {kind}; {advice}")
+
+
+def require_folder(path, what, advice="fix the path"):
+    """`path` when it is an existing folder; else a DataError that says whether it is missing or a file."""
+    if os.path.isdir(path):
+        return path
+    kind = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+    raise DataError(f"{what} '{path}' {kind}; {advice}")
 
 
 def temporary_name(path):

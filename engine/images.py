@@ -41,10 +41,10 @@ def check_size(width, height, limits, name):
         raise ImageTooLarge(f"image {name} is {width}x{height} pixels: empty")
     if width * height > limits.max_pixels:
         raise ImageTooLarge(f"image {name} is {width}x{height} = {width * height / 1e6:.1f} MP, over the "
-                            f"{limits.max_pixels / 1e6:g} MP limit (max-image-pixels); shrink it or raise the limit")
+                            f"{limits.max_pixels / 1e6:g} MP limit; shrink it or raise --max-image-pixels")
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        raise ImageTooLarge(f"image {name} is {width}x{height}, an aspect ratio over {limits.max_aspect_ratio:g} "
-                            f"(max-aspect-ratio); crop it or raise the limit")
+        raise ImageTooLarge(f"image {name} is {width}x{height}, an aspect ratio over {limits.max_aspect_ratio:g}; "
+                            f"crop it or raise --max-aspect-ratio")
 
 
 def load_image(path, min_size=None, limits=DEFAULT_LIMITS):
@@ -54,10 +54,17 @@ def load_image(path, min_size=None, limits=DEFAULT_LIMITS):
     that many pixels: the resize that follows would throw those pixels away anyway.
     """
     img = Image.open(path)  # reads the header only
-    if min_size and img.format == "JPEG":
-        img.draft("RGB", (min_size, min_size))  # the size a decode will now produce
-    check_size(*img.size, limits, _name(path))
+    check_size(*decode_size(img, min_size), limits, _name(path))
     return to_rgb(img)
+
+
+def decode_size(img, min_size=None):
+    """The (width, height) that decoding the opened (header-only) `img` will produce: a JPEG is set to decode at
+    the smallest scale (1/2, 1/4, 1/8) that keeps its short side at least `min_size`. The limits apply to this
+    size, the same for a file and an upload."""
+    if min_size and img.format == "JPEG":
+        img.draft("RGB", (min_size, min_size))
+    return img.size
 
 
 def crop_decode_size(width, height, image_size, scale=CROP_SCALE, ratio=CROP_RATIO):

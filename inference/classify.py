@@ -9,11 +9,12 @@ renormalised into one label embedding, and the probabilities are softmax(logit_s
 A templates file holds one template per line, with {} where the label goes.
 """
 import argparse
-import os
 
 from engine.errors import run_entry
+from engine.files import require_file
 from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, read_lines,
                                zero_shot_probs)
+from inference.options import add_image_limits, image_limits
 
 BAR_WIDTH = 30  # characters of the text bar chart at probability 1
 
@@ -31,6 +32,7 @@ def parse_args(argv):
                                             "(default: 'a photo of a {}.' and similar)")
     p.add_argument("--top", type=int, default=None, help="show only the best N labels per image")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_image_limits(p)
     return p.parse_args(argv)
 
 
@@ -40,9 +42,8 @@ def run(a):
     if a.top is not None and a.top < 1:
         raise InferenceError(f"--top must be at least 1, got {a.top}")
     for path in a.image:
-        if not os.path.isfile(path):
-            raise InferenceError(f"image '{path}' does not exist")
-    encoder = Encoder(a.model_path, a.device, a.text_model)
+        require_file(path, "image")
+    encoder = Encoder(a.model_path, a.device, a.text_model, limits=image_limits(a))
     weights = encoder.label_embeddings(labels, templates)  # (L, D)
     images = encoder.encode_images([encoder.open_image(p) for p in a.image])  # (N, D)
     probs = zero_shot_probs(images, weights, encoder.logit_scale())  # (N, L)

@@ -18,6 +18,7 @@ from dataset import image_transform
 from engine.images import DEFAULT_LIMITS, check_size, open_image, to_rgb
 from engine.checkpoint import load_trained
 from engine.errors import UserError
+from engine.files import require_file
 from engine.evaluation import Encoding, encode_image_batch, encode_image_files, encode_texts
 from engine.runtime import amp_context, resolve_device
 
@@ -134,11 +135,13 @@ def zero_shot_probs(image_feats, label_feats, logit_scale):
     return torch.softmax(logit_scale * image_feats @ label_feats.T, dim=-1)
 
 
-def check_labels(labels):
+def check_labels(labels, how="pass at least one, e.g. --labels 'cat,dog'"):
+    """Labels with whitespace collapsed and blanks dropped; none, or one twice, is an error (`how`: the advice
+    of the entry that asks, e.g. the form field of the web API)."""
     labels = [" ".join(str(x).split()) for x in labels]
     labels = [x for x in labels if x]
     if not labels:
-        raise InferenceError("no labels given: pass at least one, e.g. --labels 'cat,dog'")
+        raise InferenceError(f"no labels given: {how}")
     duplicates = sorted(x for x, n in Counter(labels).items() if n > 1)  # linear: a request may send many
     if duplicates:
         raise InferenceError(f"label(s) given twice: {', '.join(duplicates)}")
@@ -149,18 +152,26 @@ def check_templates(templates):
     templates = [t.strip() for t in templates if t.strip()]
     if not templates:
         raise InferenceError("no prompt templates given; each template is a line holding {} for the label")
-    missing = [t for t in templates if "{}" not in t]
-    if missing:
-        raise InferenceError(f"template '{missing[0]}' has no {{}} where the label goes")
+    for t in templates:  # str.replace would write the label into every {}
+        if t.count("{}") != 1:
+            where = "has no {}" if "{}" not in t else f"has {t.count('{}')} {{}}s; it must hold exactly one {{}}"
+            raise InferenceError(f"template '{t}' {where} where the label goes")
     return templates
 
 
 def read_lines(path, what):
-    """Non-empty stripped lines of a UTF-8 text file (labels, templates, captions)."""
-    if not os.path.isfile(path):
-        raise InferenceError(f"{what} file '{path}' does not exist")
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    """Non-empty stripped lines of a UTF-8 text file (labels, templates, captions); anything else (an image
+    passed by mistake) is an InferenceError, never lines of garbage."""
+    advice = f"pass a UTF-8 text file with one {what[:-1]} per line"
+    require_file(path, f"{what} file", advice)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise InferenceError(f"{what} file '{path}' is not UTF-8 text; {advice}") from None
+    if "\0" in text:
+        raise InferenceError(f"{what} file '{path}' is not UTF-8 text (it holds NUL bytes); {advice}")
+    return [line.strip() for line in text.split("\n") if line.strip()]
 
 
 def list_images(root):

@@ -13,31 +13,23 @@ extended (`ann.add`) when files were only added, refilled from the embeddings (`
 centroids) when files were removed or changed, and built anew (nothing is re-encoded) when the type or a build
 setting differs from the stored one or its file cannot be read. An index made with another checkpoint is
 refused; `rebuild=True` re-encodes everything. Format-1 indexes (before the types) are read as flat. New files
-get fresh names and index.json is replaced last, so an interrupted run leaves the previous index intact.
+get fresh names and index.json is replaced last, so an interrupted run leaves the previous index intact
+(inference/index_files.py); an output that is a file, another index or a folder of other things is refused.
 """
-import json
 import os
 import sys
-import uuid
 
 import numpy as np
 import torch
 
 from dataset import inside
-from engine.errors import UserError
-from engine.files import atomic_write
+from engine.files import require_folder
 from inference import ann
 from inference.encoder import list_images
+from inference.index_files import FORMAT, SearchError, check_output_folder, read_meta, write_index
 
-FORMAT = 2  # bump when the layout of index.json changes; 2 added index_type and ann
-READABLE_FORMATS = (1, 2)  # format 1 had neither key and is read as flat
-REQUIRED_KEYS = {"root", "checkpoint", "dim", "files", "sizes", "mtimes", "embeddings", "index_type", "ann"}
 BLOCK_ROWS = 65536  # rows converted to float32 at a time by the exact search: 128 MB at D = 512
 BUILD_FLAGS = {"nlist": ("--nlist", "ivf"), "m": ("--m", "hnsw"), "ef_construction": ("--ef-construction", "hnsw")}
-
-
-class SearchError(UserError, ValueError):
-    """A problem with an index or a query that the user can fix."""
 
 
 class ImageIndex:
@@ -75,6 +67,7 @@ class ImageIndex:
 
     @classmethod
     def load(cls, folder, with_ann=True):
+        require_folder(folder, "index", "pass --index a folder made by 'python -m inference.search index'")
         meta = read_meta(folder)
         if meta is None:
             raise SearchError(f"'{folder}' is not an index (no index.json); make one with "
@@ -123,8 +116,11 @@ class ImageIndex:
             return torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
         if self.ann is not None:
             scores, ids = ann.search(self.ann, queries.float().numpy(), k, self.nprobe, self.ef_search)
-            return torch.from_numpy(scores), torch.from_numpy(ids)
-        return exact_search(self.embeddings, queries.float(), k, BLOCK_ROWS)
+            scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
+        else:
+            scores, ids = exact_search(self.embeddings, queries.float(), k, BLOCK_ROWS)
+        # float16 rows have norms off 1 by up to ~1e-3: a cosine is reported within [-1, 1] (ordering unchanged)
+        return torch.where(ids >= 0, scores.clamp(-1, 1), scores), ids
 
     def check_encoder(self, encoder):
         """Refuse to search with a model other than the one the images were encoded with."""
@@ -173,42 +169,6 @@ def load_ann(folder, meta):
     return index
 
 
-def read_meta(folder):
-    path = os.path.join(folder, "index.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SearchError(f"cannot read {path} ({e}); rebuild the index with --rebuild") from None
-    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
-        raise SearchError(f"{path} is not a format-{FORMAT} index; rebuild the index with --rebuild")
-    if meta["format"] == 1:
-        meta = {**meta, "index_type": "flat", "ann": None}
-    missing = sorted(REQUIRED_KEYS - meta.keys())
-    if missing:
-        raise SearchError(f"{path} lacks {', '.join(missing)}; rebuild the index with --rebuild")
-    files = meta["files"]
-    n = len(files) if isinstance(files, list) else -1
-    well_typed = (isinstance(meta["root"], str) and isinstance(meta["embeddings"], str)
-                  and isinstance(meta["dim"], int) and n >= 0 and all(isinstance(f, str) for f in files)
-                  and all(isinstance(meta[k], list) and len(meta[k]) == n and all(isinstance(v, int) for v in meta[k])
-                          for k in ("sizes", "mtimes"))
-                  and isinstance(meta["checkpoint"], dict)
-                  and all(isinstance(meta["checkpoint"].get(k), str) for k in ("path", "sha256"))
-                  and meta["index_type"] in ann.KINDS
-                  and (meta["ann"] is None if meta["index_type"] == "flat" else isinstance(meta["ann"], str)))
-    if not well_typed:
-        raise SearchError(f"{path} has fields of the wrong type; rebuild the index with --rebuild")
-    # Lexical containment for every name (cheap); links are resolved when a file is served (ImageIndex.path).
-    outside = [f for f in files if not f or f.startswith("/") or "\\" in f or ".." in f.split("/")]
-    if outside:
-        raise SearchError(f"{path} names a file outside its root ('{outside[0][:80]}'); rebuild the index with "
-                          f"--rebuild")
-    return meta
-
-
 def build_index(encoder, images_root, out, rebuild=False, progress=True, index_type=None, nlist=None, m=None,
                 ef_construction=None):
     """Create or update the index at `out` from every image under `images_root`; returns a summary dict.
@@ -216,11 +176,12 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     `index_type` None keeps the existing index's type (flat for a new one); nlist (ivf), m and ef_construction
     (hnsw) None: ann.build's defaults for a new structure, the stored ones otherwise.
     """
-    if not os.path.isdir(images_root):
-        raise SearchError(f"image folder '{images_root}' does not exist")
+    require_folder(images_root, "image folder", "pass --images the folder that holds the images")
     root = os.path.abspath(images_root)
+    check_output_folder(out)
     try:
-        current = read_meta(out)
+        current = read_meta(out, advice="the folder holds another index, or a damaged one: choose another "
+                                        "--output, or pass --rebuild to replace it")
     except SearchError:
         if not rebuild:
             raise
@@ -237,8 +198,14 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     if kind != "flat":
         _need_faiss(out, kind)  # before encoding anything
     names = list_images(root)
+    outside = {n for n in names if inside(root, n) is None}  # links that lead out: never read nor served
+    for name in sorted(outside):
+        print(f"skipped {name}: a link that resolves outside '{images_root}'; copy the file in instead",
+              file=sys.stderr)
+    names = [n for n in names if n not in outside]
     if not names:
-        raise SearchError(f"no .jpg/.jpeg/.png/.webp images under '{images_root}'")
+        raise SearchError(f"no .jpg/.jpeg/.png/.webp images under '{images_root}'"
+                          + (f" ({len(outside)} links lead outside it)" if outside else ""))
     stats = {n: os.stat(os.path.join(root, n)) for n in names}
     identity = encoder.identity()
 
@@ -276,7 +243,7 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     write_index(out, meta, rows, structure)
     removed = 0 if old is None else len(set(old["files"]) - set(names))
     return {"images": len(files), "new": len(kept), "unchanged": len(keep), "removed": removed,
-            "failed": len(failed), "index_type": kind, "ann": action}
+            "failed": len(failed), "outside": len(outside), "index_type": kind, "ann": action}
 
 
 def _ann_structure(out, old, kind, rows, appended_only, settings):
@@ -295,22 +262,3 @@ def _ann_structure(out, old, kind, rows, appended_only, settings):
         raise SearchError(f"an ivf index needs at least {ann.MIN_ROWS_PER_LIST} images, got {len(rows)}; "
                           f"use --index-type flat (exact, and fast at this size)")
     return ann.build(rows, kind, **settings), "built"
-
-
-def write_index(out, meta, embeddings, structure=None):
-    """Embeddings and the ANN structure go to fresh file names; replacing index.json is the single step that
-    makes them current, so an interrupted run leaves the previous index intact."""
-    os.makedirs(out, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    name, ann_name = f"embeddings-{tag}.npy", None if structure is None else f"ann-{tag}.faiss"
-    atomic_write(os.path.join(out, name), lambda f: np.save(f, embeddings), binary=True)
-    if structure is not None:
-        ann.save(structure, os.path.join(out, ann_name))
-    meta = {**meta, "embeddings": name, "ann": ann_name}
-    atomic_write(os.path.join(out, "index.json"), lambda f: json.dump(meta, f))
-    for other in os.listdir(out):
-        stale = (other.startswith("embeddings-") and other.endswith(".npy") and other != name) or \
-                (other.startswith("ann-") and other.endswith(".faiss") and other != ann_name)
-        if stale:
-            os.remove(os.path.join(out, other))
-

@@ -7,7 +7,8 @@
                                                                                                   # image -> text
 
 Running `index` again on a grown folder encodes only new or changed files and drops deleted ones (see
-inference/index.py for the format and how each index type is updated). Index types, for large collections:
+inference/index.py for the format and how each index type is updated); links that lead out of the folder are
+skipped and counted. Index types, for large collections:
 
     ... index ... --index-type flat     exact (default); embeddings memory-mapped and scanned in blocks
     ... index ... --index-type ivf  [--nlist N]                  approximate, through FAISS (pip install faiss-cpu)
@@ -17,25 +18,14 @@ inference/index.py for the format and how each index type is updated). Index typ
 Leaving out --index-type keeps an existing index's type; a different one rebuilds only the ANN structure.
 """
 import argparse
-import os
 
 from dataset import read_captions_csv
 from engine.errors import run_entry
+from engine.files import require_file
 from inference import ann
-from inference.encoder import Encoder
+from inference.encoder import Encoder, read_lines
 from inference.index import ImageIndex, SearchError, build_index
-
-
-def worker_count(value):
-    if value == "auto" or value.isdigit():
-        return value if value == "auto" else int(value)
-    raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got '{value}'")
-
-
-def positive_int(value):
-    if not value.lstrip("-").isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got '{value}'")
-    return int(value)
+from inference.options import add_image_limits, image_limits, positive_int, worker_count
 
 
 def parse_args(argv):
@@ -74,16 +64,19 @@ def parse_args(argv):
         s.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
         s.add_argument("--device", default="auto", help="auto, cpu or cuda")
         s.add_argument("--batch-size", type=positive_int, default=64, help="images or texts encoded at once")
+        add_image_limits(s)
     return p.parse_args(argv)
 
 
 def run_index(a):
-    encoder = Encoder(a.model_path, a.device, a.text_model, batch_size=a.batch_size, num_workers=a.num_workers)
+    encoder = Encoder(a.model_path, a.device, a.text_model, batch_size=a.batch_size, num_workers=a.num_workers,
+                      limits=image_limits(a))
     summary = build_index(encoder, a.images, a.output, rebuild=a.rebuild, index_type=a.index_type, nlist=a.nlist,
                           m=a.m, ef_construction=a.ef_construction)
     structure = f"; {summary['index_type']} structure {summary['ann']}" if summary["ann"] else ""
     print(f"{summary['index_type']} index {a.output}: {summary['images']} images ({summary['new']} encoded, "
-          f"{summary['unchanged']} unchanged, {summary['removed']} removed, {summary['failed']} failed to decode)"
+          f"{summary['unchanged']} unchanged, {summary['removed']} removed, {summary['failed']} failed to decode, "
+          f"{summary['outside']} outside the folder skipped)"
           f"{structure}")
     return summary
 
@@ -100,7 +93,8 @@ def run_query(a):
         raise SearchError("--nprobe and --ef-search tune the search of an --index; leave them out with --captions")
     if a.model_path is None and index is None:
         raise SearchError("pass --model-path (or an --index, whose checkpoint is then used)")
-    encoder = Encoder(a.model_path or index.model_path(), a.device, a.text_model, batch_size=a.batch_size)
+    encoder = Encoder(a.model_path or index.model_path(), a.device, a.text_model, batch_size=a.batch_size,
+                      limits=image_limits(a))
     if index is not None:
         index.check_encoder(encoder)
 
@@ -109,13 +103,13 @@ def run_query(a):
             raise SearchError("--text is empty")
         query = encoder.encode_texts([a.text])
     else:
-        if not os.path.isfile(a.image):
-            raise SearchError(f"image '{a.image}' does not exist")
+        require_file(a.image, "image")
         query = encoder.encode_images([encoder.open_image(a.image)])  # (1, D)
 
     if a.captions:
         captions = read_captions_file(a.captions)
         scores, ids = (query @ encoder.encode_texts(captions).T).topk(min(a.k, len(captions)), dim=1)
+        scores = scores.clamp(-1, 1)  # cosines of unit vectors, up to float rounding
         results = [{"rank": r + 1, "score": float(s), "caption": captions[i]}
                    for r, (s, i) in enumerate(zip(scores[0].tolist(), ids[0].tolist()))]
         print(f"image -> text: {a.image} against {len(captions)} captions")
@@ -130,19 +124,18 @@ def run_query(a):
     print(f"{kind}: {a.text!r} over {len(index)} images ({index.kind})" if a.text is not None
           else f"{kind}: {a.image} over {len(index)} images ({index.kind})")
     for res in results:
-        print(f"{res['rank']:4d}  {res['score']:.4f}  {res['path']}")
+        shown = res["path"] or f"{index.files[res['id']]} (now outside {index.root}: run index again)"
+        print(f"{res['rank']:4d}  {res['score']:.4f}  {shown}")
     return results
 
 
 def read_captions_file(path):
     """Captions to rank for image -> text: a CSV with a `caption` column, or a text file with one per line."""
-    if not os.path.isfile(path):
-        raise SearchError(f"captions file '{path}' does not exist")
+    require_file(path, "captions file", "pass a .csv with a caption column or a .txt with one caption per line")
     if path.lower().endswith(".csv"):
         captions = [values[0] for _, values in read_captions_csv(path, columns=("caption",))]
     else:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            captions = [" ".join(line.split()) for line in f]
+        captions = [" ".join(line.split()) for line in read_lines(path, "captions")]
     captions = list(dict.fromkeys(c for c in captions if c))  # unique, in file order
     if not captions:
         raise SearchError(f"{path} holds no captions")

@@ -16,23 +16,26 @@ unless --host says otherwise. Images are only ever read from the file names stor
 size-limited, decoded from memory, and refused above a pixel count.
 """
 import argparse
+import errno
 import io
 import os
+import socket
 import threading
 from functools import lru_cache
 
-from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 
-from engine.errors import DataError
-from engine.errors import run_entry
-from engine.images import ImageLimits, ImageTooLarge, check_size
+from engine.errors import DataError, UserError, run_entry
+from engine.images import ImageLimits, ImageTooLarge, check_size, decode_size
 from inference import ann
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
-from inference.index import ImageIndex, SearchError
+from inference.index import ImageIndex
+from inference.options import add_image_limits, megapixels, port, positive_float, positive_int
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow decoders an upload may use
@@ -67,14 +70,14 @@ class Service:
             raise HTTPException(400, "the upload is empty; send an image file in the field 'file'")
         try:
             with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as probe:
-                width, height = probe.size
+                width, height = decode_size(probe, self.encoder.image_size)  # as engine.images.load_image does
         except Image.DecompressionBombError:
             raise HTTPException(413, "image has too many pixels for this server") from None
         except UnidentifiedImageError:
             raise HTTPException(415, f"not an image this server reads ({', '.join(UPLOAD_FORMATS)})") from None
         except (OSError, SyntaxError, ValueError):
             raise HTTPException(400, "the image header cannot be read; the file is corrupt") from None
-        try:  # the header's size against the limits, before any pixel is decoded
+        try:  # the decoded size (from the header) against the limits, before any pixel is decoded
             check_size(width, height, self.encoder.enc.limits, "upload")
         except ImageTooLarge as e:
             raise HTTPException(413, str(e)) from None
@@ -97,6 +100,18 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
+async def one_upload(request: Request):
+    """Refuse a form with several `file` parts, of which FastAPI would silently keep the last."""
+    if len((await request.form()).getlist("file")) > 1:  # the form FastAPI parsed already: cached, not re-read
+        raise HTTPException(400, "send one file in the field 'file', not several")
+
+
+async def validation_error(request: Request, exc: RequestValidationError):
+    """FastAPI's 422 without the `input` it echoes (a 100 kB bad value would come back whole)."""
+    return JSONResponse({"detail": [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")}
+                                    for e in exc.errors()]}, status_code=422)
+
+
 def check_k(svc, k):
     if k > svc.max_k:
         raise HTTPException(422, f"k is at most {svc.max_k}")
@@ -113,10 +128,13 @@ def health(request: Request):
 
 @router.get("/api/search")
 def search_text(request: Request,
-                q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="text query"),
+                q: str = Query(..., min_length=1, description=f"text query, at most {MAX_QUERY_CHARS} characters"),
                 k: int = K_QUERY):
     svc = service(request)
     check_k(svc, k)
+    if len(q) > MAX_QUERY_CHARS:  # checked here: FastAPI's own max_length error echoes the whole query back
+        raise HTTPException(422, f"the query has {len(q)} characters; at most {MAX_QUERY_CHARS} characters are "
+                                 f"accepted")
     if not q.strip():
         raise HTTPException(422, "the query is blank")
     with svc.lock:
@@ -124,7 +142,7 @@ def search_text(request: Request,
         return {"query": q, **svc.results(*svc.index.search(query, k))}
 
 
-@router.post("/api/search/image")
+@router.post("/api/search/image", dependencies=[Depends(one_upload)])
 def search_image(request: Request, file: UploadFile = File(..., description="query image"), k: int = K_QUERY):
     svc = service(request)
     check_k(svc, k)
@@ -134,14 +152,14 @@ def search_image(request: Request, file: UploadFile = File(..., description="que
         return svc.results(*svc.index.search(query, k))
 
 
-@router.post("/api/classify")
+@router.post("/api/classify", dependencies=[Depends(one_upload)])
 def classify(request: Request, file: UploadFile = File(..., description="image to classify"),
              labels: str = Form(..., description="comma-separated labels, e.g. cat,dog,car")):
     svc = service(request)
     if labels.count(",") >= MAX_LABELS:  # before any per-label work
         raise HTTPException(422, f"at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters each")
     try:
-        names = check_labels(labels.split(","))
+        names = check_labels(labels.split(","), how="send at least one in the form field 'labels', e.g. cat,dog")
     except InferenceError as e:
         raise HTTPException(422, str(e)) from None
     if len(names) > MAX_LABELS or max(len(n) for n in names) > MAX_LABEL_CHARS:
@@ -184,6 +202,7 @@ def create_app(model_path, index_dir, max_upload_mb=10.0, max_pixels=40_000_000,
     app = FastAPI(title="Image-text retrieval",
                   description="Search an image index by text or by image, and classify images zero-shot.")
     app.state.service = Service(encoder, index, max_upload_mb, max_k)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(BodyLimit, max_bytes=app.state.service.max_upload + FORM_OVERHEAD, limit_mb=max_upload_mb)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
@@ -228,11 +247,12 @@ def parse_args(argv):
     p.add_argument("--model-path", help="checkpoint; default: the one the index was built with")
     p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MB")
-    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image, in megapixels")
-    p.add_argument("--max-aspect-ratio", type=float, default=20.0, help="largest long side / short side accepted")
-    p.add_argument("--max-k", type=int, default=100, help="most results one request may ask for")
+    p.add_argument("--port", type=port, default=8000, help="TCP port, 1 to 65535")
+    p.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest accepted upload, in MB")
+    add_image_limits(p)
+    p.add_argument("--max-megapixels", dest="max_image_pixels", type=megapixels, default=argparse.SUPPRESS,
+                   help="--max-image-pixels in millions (its former name)")
+    p.add_argument("--max-k", type=positive_int, default=100, help="most results one request may ask for")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--nprobe", type=int, help=f"ivf: lists scanned per query (more: slower and closer to exact). "
                                               f"Left out: {ann.DEFAULT_NPROBE}, capped at nlist")
@@ -241,18 +261,35 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def listen_socket(host, port):
+    """A socket bound to host:port the way uvicorn binds one, or a one-line error when it cannot be: uvicorn's
+    own failure is a multi-line log and exit status 3."""
+    sock = socket.socket(family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (by another server?); pick another with --port") from None
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
+    return sock
+
+
 def run(a):
-    if a.max_upload_mb <= 0 or a.max_megapixels <= 0 or a.max_k < 1 or a.max_aspect_ratio < 1:
-        raise SearchError("--max-upload-mb, --max-megapixels and --max-k must be positive, --max-aspect-ratio >= 1")
-    app = create_app(a.model_path, a.index, a.max_upload_mb, int(a.max_megapixels * 1e6), a.max_k, a.device,
+    app = create_app(a.model_path, a.index, a.max_upload_mb, a.max_image_pixels, a.max_k, a.device,
                      a.text_model, a.max_aspect_ratio, nprobe=a.nprobe, ef_search=a.ef_search)
     import uvicorn  # only needed to listen; tests drive the app directly
 
+    sock = listen_socket(a.host, a.port)  # held from here on: no other server can take the port meanwhile
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {a.host}: anyone who can reach this machine can use the service")
     index = app.state.service.index
     print(f"serving {len(index)} images ({index.kind} index) on http://{a.host}:{a.port}/ (API docs at /docs)")
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C is how a server stops: it has shut down cleanly (as uvicorn.run treats it)
+        pass
     return app
 
 

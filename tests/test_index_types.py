@@ -131,8 +131,8 @@ def test_additions_extend_the_structure_and_keep_ids(tiny, encoder, photos, tmp_
     for name in added:
         shutil.move(aside / name, photos / name)
     summary = index_cmd(tiny, photos, out)
-    assert summary == {"images": N, "new": 23, "unchanged": N - 23, "removed": 0, "failed": 0, "index_type": kind,
-                       "ann": "added"}
+    assert summary == {"images": N, "new": 23, "unchanged": N - 23, "removed": 0, "failed": 0, "outside": 0,
+                       "index_type": kind, "ann": "added"}
     index = search_index.ImageIndex.load(str(out))
     assert index.files[:N - 23] == before and index.files[N - 23:] == added
     # ids in the structure are positions in the file list: each stored row finds itself

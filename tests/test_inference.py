@@ -184,8 +184,8 @@ def index_cmd(tiny, photos, out, *extra):
 def test_index_then_update_only_encodes_changes(tiny, encoder, photos, tmp_path, capsys):
     out = tmp_path / "index"
     summary = index_cmd(tiny, photos, out)
-    assert summary == {"images": 12, "new": 12, "unchanged": 0, "removed": 0, "failed": 1, "index_type": "flat",
-                       "ann": None}
+    assert summary == {"images": 12, "new": 12, "unchanged": 0, "removed": 0, "failed": 1, "outside": 0,
+                       "index_type": "flat", "ann": None}
     assert "broken.jpg" in capsys.readouterr().err
     index = search_index.ImageIndex.load(str(out))
     assert index.files == ([f"a/{n}" for n in sorted(os.listdir(photos / "a"))]
@@ -204,8 +204,8 @@ def test_index_then_update_only_encodes_changes(tiny, encoder, photos, tmp_path,
     shutil.copy(src[21], photos / "d" / "new2.png")  # a JPEG named .png: decoded by content
     os.remove(photos / index.files[0])
     summary = index_cmd(tiny, photos, out)
-    assert summary == {"images": 13, "new": 2, "unchanged": 11, "removed": 1, "failed": 1, "index_type": "flat",
-                       "ann": None}
+    assert summary == {"images": 13, "new": 2, "unchanged": 11, "removed": 1, "failed": 1, "outside": 0,
+                       "index_type": "flat", "ann": None}
     index = search_index.ImageIndex.load(str(out))
     # unchanged files keep their order; new ones are appended (so that additions change no id)
     assert index.files[-2:] == ["a/new1.jpg", "d/new2.png"] and before.keys() - set(index.files)
