@@ -18,7 +18,7 @@ from torch.utils.data import DistributedSampler
 from dataset import DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, read_captions
 from engine.augment import color_jitter
 from engine import resume, rundir
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, vocab_fingerprint
 from engine.config import (ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive,
                            workers)
 from engine.epoch import Trainer, train_one_epoch
@@ -170,7 +170,7 @@ def fit(cfg, rank, world_size, device):
     barrier()
     cfg["text-model"] = stored_text_model(cfg["text-model"])
     tokenizer = load_tokenizer(cfg["text-model"])
-    text_vocab = resume.vocab_fingerprint(tokenizer)  # stored, so a resume can check its text model
+    text_vocab = vocab_fingerprint(tokenizer)  # stored, so a resume can check its text model
     if ckpt is not None:
         log(rank, resume.check_text_model(cfg, ckpt, cfg["load-path"], text_vocab))
     limits = ImageLimits(cfg["max-image-pixels"], cfg["max-aspect-ratio"])

@@ -4,6 +4,8 @@ A checkpoint is a dict: model, optimizer, scheduler, scaler (and the loss's own 
 epoch, step, RNG states of every process, the merged config and the epoch's metrics. `load_trained` rebuilds a
 model from the config stored inside, so evaluation and inference need no model flags.
 """
+import hashlib
+import json
 import os
 import pickle
 import zipfile
@@ -77,19 +79,31 @@ def load_trained(path, device, text_model=None):
                               f"({str(e).splitlines()[0][:120]}); the file is damaged or was edited") from None
     model.to(device).to(memory_format=torch.channels_last).eval()
     tokenizer = load_tokenizer(run_cfg["text-model"])
-    check_tokenizer(tokenizer, embedding.num_embeddings, path, run_cfg["text-model"], trained_with)
+    check_tokenizer(tokenizer, embedding.num_embeddings, path, run_cfg["text-model"], trained_with,
+                    ckpt.get("text_vocab"))
     run_cfg["max-length"] = min(run_cfg["max-length"], text_length_limit(model.text.model.config))
     return model, tokenizer, run_cfg
 
 
-def check_tokenizer(tokenizer, rows, path, folder, trained_with):
+def vocab_fingerprint(tokenizer):
+    """A short hash of the tokenizer's vocabulary (token -> id): the same for a copied or moved folder. Training
+    stores it in the checkpoint as "text_vocab"."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
+
+
+def check_tokenizer(tokenizer, rows, path, folder, trained_with, fingerprint=None):
     """Refuse a tokenizer that would feed the text tower other ids than training did: more tokens than the
-    embedding has `rows`, or (when `folder` overrides the recorded `trained_with` and that folder still exists)
-    a vocabulary that differs from the recorded one. Checkpoints store no fingerprint of their tokenizer, so a
-    changed tokenizer whose training folder is gone cannot be told apart."""
+    embedding has `rows`, or a vocabulary other than training's: compared with the checkpoint's `fingerprint`
+    when it stores one, else (older checkpoints) with the recorded `trained_with` folder if it still exists."""
     if len(tokenizer) > rows:
         raise tokenizer_mismatch(path, folder, trained_with, f"its tokenizer has {len(tokenizer)} tokens, the "
                                                              f"checkpoint's text tower {rows} tokens")
+    other = "its vocabulary gives tokens other ids than the tokenizer the checkpoint was trained with"
+    if fingerprint is not None:
+        if vocab_fingerprint(tokenizer) != fingerprint:
+            raise tokenizer_mismatch(path, folder, trained_with, other)
+        return
     if folder == trained_with or not os.path.isdir(trained_with) or \
             os.path.realpath(folder) == os.path.realpath(trained_with):
         return
@@ -98,8 +112,7 @@ def check_tokenizer(tokenizer, rows, path, folder, trained_with):
     except ModelError:  # the recorded folder holds no tokenizer any more: nothing to compare with
         return
     if original.get_vocab() != tokenizer.get_vocab():
-        raise tokenizer_mismatch(path, folder, trained_with, "its vocabulary gives tokens other ids than the "
-                                                             "tokenizer the checkpoint was trained with")
+        raise tokenizer_mismatch(path, folder, trained_with, other)
 
 
 def tokenizer_mismatch(path, folder, trained_with, why):

@@ -7,11 +7,10 @@ vocabulary, not its path: a checkpoint stores the absolute path of a local folde
 folder with another vocabulary maps every caption to other token ids (the weights still load, the loss jumps).
 Keys that change the numbers but not the shapes (batch size, rates, data) may differ; one note lists them.
 """
-import hashlib
 import json
 import os
 
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, vocab_fingerprint
 from engine.config import ConfigError
 from engine.runtime import set_rng_state
 from model import load_tokenizer
@@ -32,12 +31,6 @@ KEPT_BY_OPTIMIZER = ("learning-rate", "projection-learning-rate", "weight-decay"
 def show(value):
     """A config value as it is written on the command line: true, null, 0.002."""
     return json.dumps(value) if value is None or isinstance(value, bool) else value
-
-
-def vocab_fingerprint(tokenizer):
-    """A short hash of the tokenizer's vocabulary (token -> id): the same for a copied or moved folder."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
 
 
 def check_config(cfg, ckpt, path):

@@ -130,6 +130,20 @@ def test_a_tokenizer_with_the_same_size_but_other_ids_is_refused(tiny, tmp_path)
     assert len(tokenizer) == model.text.model.get_input_embeddings().num_embeddings  # the same folder: fine
 
 
+def test_the_stored_vocabulary_fingerprint_decides_once_the_training_folder_is_gone(tiny, tmp_path):
+    ckpt = torch.load(tiny["checkpoint"], weights_only=False)
+    assert len(ckpt["text_vocab"]) == 16  # train.py stores it
+    ckpt["config"]["text-model"] = str(tmp_path / "gone")  # the folder it was trained with no longer exists
+    moved = tmp_path / "moved.pt"
+    torch.save(ckpt, moved)
+    copy = tmp_path / "copy-text"
+    shutil.copytree(tiny["text_model"], copy)
+    load_trained(str(moved), torch.device("cpu"), str(copy))  # a moved copy of the same vocabulary: fine
+    with pytest.raises(CheckpointError) as e:
+        load_trained(str(moved), torch.device("cpu"), str(permuted_tokenizer(tiny, tmp_path / "other")))
+    assert "other ids" in str(e.value) and "damaged" not in str(e.value)
+
+
 def test_a_tokenizer_of_another_size_names_the_text_model_not_the_checkpoint(tiny, tmp_path):
     other = tmp_path / "small-text"
     demo.write_text_model(str(other), ["a red circle", "a blue star in the top left"])  # hidden 128, a few merges
