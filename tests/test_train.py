@@ -159,7 +159,8 @@ def test_corrupt_validation_image_stops_eval_with_its_name(trained, tiny_data, t
 
 def test_missing_checkpoint_and_batch_too_big_are_clear(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="checkpoint '.*none.pt' does not exist"):
-        eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(tmp_path / "none.pt")])
+        eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(tmp_path / "none.pt"),
+                          "--output", str(tmp_path / "eval.json")])
     with pytest.raises(SystemExit, match="has 40 training pairs after holding out 4 images for selection, fewer than one batch \\(64\\)"):
         train.main(tiny_train_args(tiny_data, tmp_path, "--batch-size", "64"))
 
