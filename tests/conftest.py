@@ -1,6 +1,8 @@
 """Shared fixtures; the helpers they use are in tests/helpers.py."""
 import pytest
 
+from inference import index as search_index
+from inference.encoder import Encoder
 from tests.helpers import make_tiny_data, tiny_run
 
 
@@ -14,3 +16,17 @@ def tiny_data(tmp_path_factory):
 def tiny(tmp_path_factory):
     """A one-step demo checkpoint, its validation images and text model (see helpers.tiny_run)."""
     return tiny_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny):
+    """The tiny checkpoint's encoder on the CPU, one per test module (a module may define its own)."""
+    return Encoder(str(tiny["checkpoint"]), "cpu")
+
+
+@pytest.fixture(scope="module")
+def index_dir(tiny, encoder, tmp_path_factory):
+    """A flat index of the tiny checkpoint's validation images, one per test module."""
+    out = tmp_path_factory.mktemp("index") / "index"
+    search_index.build_index(encoder, str(tiny["images"]), str(out), progress=False)
+    return out

@@ -40,18 +40,6 @@ def jpeg(path, size=(40, 30)):
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny):
-    return Encoder(str(tiny["checkpoint"]), "cpu")
-
-
-@pytest.fixture(scope="module")
-def index_dir(tiny, encoder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("input") / "index"
-    search_index.build_index(encoder, str(tiny["images"]), str(out), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def client(tiny, index_dir):
     with TestClient(serve.create_app(str(tiny["checkpoint"]), str(index_dir), device="cpu")) as c:
         yield c

@@ -13,21 +13,9 @@ from PIL import Image
 
 from inference import index as search_index
 from inference import serve
-from inference.encoder import DEFAULT_TEMPLATES, Encoder
+from inference.encoder import DEFAULT_TEMPLATES
 
 UPLOAD_MB = 0.5  # a small limit, so the over-limit test sends little
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny):
-    return Encoder(str(tiny["checkpoint"]), "cpu")
-
-
-@pytest.fixture(scope="module")
-def index_dir(tiny, encoder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "index"
-    search_index.build_index(encoder, str(tiny["images"]), str(out), progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
