@@ -224,10 +224,16 @@ class PairDataset(Dataset):
         for skipped in range(self.MAX_SKIPS):
             j = (i + skipped) % len(self.pairs)
             name, caption = self.pairs[j]
-            image = open_image(os.path.join(self.root, "images", name), self.strict, self.min_size,
-                               self.random_crop, self.limits)
-            if image is not None:
-                return self.transform(image), caption, self.image_ids[j], skipped
+            try:
+                image = open_image(os.path.join(self.root, "images", name), True, self.min_size, self.random_crop,
+                                   self.limits)
+            except DataError as e:
+                if self.strict:
+                    raise
+                # named once per loader process (Python shows a warning text once); the epoch line counts them
+                warnings.warn(f"training skips an image: {e}", stacklevel=2)
+                continue
+            return self.transform(image), caption, self.image_ids[j], skipped
         raise DataError(f"{self.MAX_SKIPS} images in a row failed to decode in {self.root}/images/ "
                         f"(from {self.pairs[i][0]}); check the files")
 

@@ -7,6 +7,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from engine.files import atomic_write  # noqa: E402
+
 REPORT_KEY = "valid_not_used_for_selection"
 
 
@@ -29,6 +31,6 @@ def plot_curves(log_path, out_path):
         ax.set(title=title, xlabel="epoch", ylabel="recall", ylim=(0, 1))
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)  # whole or not at all
     plt.close(fig)
     return out_path
