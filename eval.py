@@ -43,7 +43,7 @@ SCHEMA = Schema({
 DESCRIPTION = ("Evaluate a retrieval checkpoint. The output JSON of an earlier run with the same model-path and "
                "valid-root is replaced; one with another checkpoint's metrics only with --overwrite true; any "
                "other existing file is never replaced.")
-METRICS_KEYS = {"image_to_text", "text_to_image", "rsum", "checkpoint", "valid_root"}  # what eval writes
+METRICS_KEYS = {"image_to_text", "text_to_image", "rsum"}  # in every metrics JSON eval has written
 
 
 def run(argv):
@@ -85,11 +85,13 @@ def check_output(cfg):
     if previous is None:
         raise ConfigError(f"output '{out}' exists and is not a metrics file written by eval.py; it is left "
                           f"untouched: choose another --output")
-    same = [os.path.abspath(str(previous[k])) for k in ("checkpoint", "valid_root")] == \
+    # older files do not say which checkpoint and data they score: they count as another evaluation's
+    same = [os.path.abspath(str(previous.get(k))) for k in ("checkpoint", "valid_root")] == \
         [os.path.abspath(cfg[k]) for k in ("model-path", "valid-root")]
     if not same and not cfg["overwrite"]:
-        raise ConfigError(f"output '{out}' holds the metrics of {previous['checkpoint']} on "
-                          f"{previous['valid_root']}; choose another --output or pass --overwrite true to replace it")
+        raise ConfigError(f"output '{out}' holds the metrics of {previous.get('checkpoint', 'another checkpoint')} on "
+                          f"{previous.get('valid_root', 'some data')}; choose another --output or pass "
+                          f"--overwrite true to replace it")
 
 
 def read_metrics(path, max_bytes=1 << 20):

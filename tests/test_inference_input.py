@@ -95,6 +95,12 @@ def test_eval_rewrites_its_own_json_and_needs_overwrite_for_another_runs(tiny, t
     assert json.loads(out.read_text())["checkpoint"] == str(tmp_path / "another.pt")
     eval_script.main(eval_args(tiny, out, "--overwrite", "true"))
     assert json.loads(out.read_text())["checkpoint"] == str(tiny["checkpoint"])
+    older = {k: v for k, v in json.loads(out.read_text()).items() if k not in ("checkpoint", "valid_root")}
+    out.write_text(json.dumps(older))  # written before eval recorded what it scored: another evaluation's
+    message = fails(lambda: eval_script.main(eval_args(tiny, out)))
+    assert "another checkpoint" in message and "--overwrite true" in message
+    eval_script.main(eval_args(tiny, out, "--overwrite", "true"))
+    assert json.loads(out.read_text())["checkpoint"] == str(tiny["checkpoint"])
 
 
 # ---------------------------------------------------------------------- 2. a tokenizer that does not fit
