@@ -59,7 +59,8 @@ def run(argv):
     print(format_table(metrics))
     if "one_caption_per_image" in metrics:  # the reference run's protocol, from the same features
         print("\n" + format_table(metrics["one_caption_per_image"]))
-    write_json(cfg["output"], {**metrics, "checkpoint": cfg["model-path"], "valid_root": cfg["valid-root"]})
+    write_json(cfg["output"], {**metrics, "checkpoint": cfg["model-path"], "valid_root": cfg["valid-root"],
+                               "written_by": "eval.py"})
     print(f"metrics written to {cfg['output']}")
     return metrics
 
@@ -85,8 +86,9 @@ def check_output(cfg):
     if previous is None:
         raise ConfigError(f"output '{out}' exists and is not a metrics file written by eval.py; it is left "
                           f"untouched: choose another --output")
-    # older files do not say which checkpoint and data they score: they count as another evaluation's
-    same = [os.path.abspath(str(previous.get(k))) for k in ("checkpoint", "valid_root")] == \
+    # older files, and train.py's report.json, are not marked as eval's: they count as another evaluation's
+    same = previous.get("written_by") == "eval.py" and \
+        [os.path.abspath(str(previous.get(k))) for k in ("checkpoint", "valid_root")] == \
         [os.path.abspath(cfg[k]) for k in ("model-path", "valid-root")]
     if not same and not cfg["overwrite"]:
         raise ConfigError(f"output '{out}' holds the metrics of {previous.get('checkpoint', 'another checkpoint')} on "

@@ -301,7 +301,10 @@ def fit(cfg, rank, world_size, device):
 def final_report(cfg, model, tokenizer, enc, pairs):
     """Score best.pt (chosen on the selection split, never on this set) on valid-root, whose rows are `pairs`;
     print and write it."""
-    best = load_checkpoint(cfg["best-path"], map_location=enc.device)
+    if not os.path.isfile(cfg["best-path"]):  # resumed into new paths from a run whose best was saved elsewhere
+        print(f"note: no {cfg['best-path']} in this run's files; the report on valid-root is skipped")
+        return None
+    best = load_checkpoint(cfg["best-path"], map_location="cpu")
     model.load_state_dict(best["model"])
     report = evaluate(model, tokenizer, cfg["valid-root"], enc, pairs=pairs)
     print(f"report: {cfg['valid-root']} scored with {cfg['best-path']} (epoch {best['epoch']}, chosen on the "

@@ -86,6 +86,8 @@ def test_eval_rewrites_its_own_json_and_needs_overwrite_for_another_runs(tiny, t
     out = tmp_path / "eval.json"
     first = eval_script.main(eval_args(tiny, out))
     second = eval_script.main(eval_args(tiny, out))  # the same evaluation again: its own file is replaced
+    own = json.loads(out.read_text())
+    assert own["written_by"] == "eval.py" and own["checkpoint"] == str(tiny["checkpoint"])
     assert second["rsum"] == pytest.approx(first["rsum"]) and json.loads(out.read_text())["rsum"] == first["rsum"]
     other = json.loads(out.read_text())
     other["checkpoint"] = str(tmp_path / "another.pt")  # the metrics of another checkpoint
@@ -99,6 +101,11 @@ def test_eval_rewrites_its_own_json_and_needs_overwrite_for_another_runs(tiny, t
     out.write_text(json.dumps(older))  # written before eval recorded what it scored: another evaluation's
     message = fails(lambda: eval_script.main(eval_args(tiny, out)))
     assert "another checkpoint" in message and "--overwrite true" in message
+    report = {k: v for k, v in own.items() if k != "written_by"}  # train.py's report.json: the same checkpoint
+    report["epoch"] = 3  # and data, but not eval's file
+    out.write_text(json.dumps(report))
+    assert "--overwrite true" in fails(lambda: eval_script.main(eval_args(tiny, out)))
+    assert json.loads(out.read_text())["epoch"] == 3
     eval_script.main(eval_args(tiny, out, "--overwrite", "true"))
     assert json.loads(out.read_text())["checkpoint"] == str(tiny["checkpoint"])
 

@@ -270,3 +270,18 @@ def test_an_epoch_of_shards_is_one_pass_over_its_pairs(data):
     (batch,) = list(loader)
     pairs = Counter(zip(batch["image_ids"].tolist(), map(tuple, batch["input_ids"].tolist())))
     assert len(pairs) == PAIRS and set(pairs.values()) == {1}
+
+
+def test_a_checkpoint_that_holds_every_gpus_rng_state_restores_this_processs(monkeypatch):
+    # checkpoints written before each process saved only its own GPU's state hold a list of them
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(s))
+    saved = rng_state()
+    states = [torch.full((4,), k, dtype=torch.uint8) for k in range(3)]
+    set_rng_state({**saved, "cuda": states})
+    set_rng_state({**saved, "cuda": states[2]})  # as saved now: this process's GPU only
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)  # resumed on a machine with more GPUs
+    set_rng_state({**saved, "cuda": states})
+    assert [s.tolist() for s in restored] == [[1] * 4, [2] * 4, [0] * 4]

@@ -10,6 +10,7 @@ import sys
 import warnings
 
 import pytest
+import torch
 
 import train
 from engine import rundir
@@ -109,6 +110,18 @@ def test_resuming_with_nothing_left_to_train_says_so_and_writes_the_report(tiny_
     assert {name: (run / name).read_bytes() for name in before} == before
     assert json.loads((run / "report.json").read_text())["rsum"] == report["rsum"]
     assert history["epoch"] == 0 and history["report"]["rsum"] == report["rsum"]
+
+
+def test_nothing_left_to_train_without_a_best_pt_skips_the_report_with_a_note(tiny_data, run, tmp_path, capsys):
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    ckpt = load_checkpoint(str(run / "last.pt"))
+    ckpt["best_epoch"] = None  # its best came from another epoch, and stayed behind with the old run's files
+    torch.save(ckpt, moved / "last.pt")
+    history = train.main(tiny_train_args(tiny_data, moved, "--epochs", "1", "--load-checkpoint", "true",
+                                         "--load-path", str(moved / "last.pt")))
+    assert f"no {moved / 'best.pt'} in this run's files; the report on valid-root is skipped" in capsys.readouterr().out
+    assert history["report"] is None and not (moved / "report.json").exists()
 
 
 def test_resuming_one_run_into_the_files_of_another_is_refused(tiny_data, run, finished, tmp_path):
