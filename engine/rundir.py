@@ -113,12 +113,12 @@ def resumes_in_place(cfg):
 
 
 def prepare(cfg):
-    """Before any data is read, with the run's lock held: check the output paths, remove killed writers'
-    temporaries, and refuse to start over another run's files unless `overwrite` says so.
+    """Before any data is read, with the run's lock held and its paths checked (`check_paths`, before the lock,
+    so that a refused run creates nothing): remove killed writers' temporaries, and refuse to start over another
+    run's files unless `overwrite` says so.
 
     Returns (a note to print or None, the other run's files that this run replaces). They are not removed here:
     pass them to `save_epoch` (a fresh run) or `discard` them when the resumed state is in place."""
-    check_paths(cfg)
     for path in outputs(cfg).values():
         remove_stale_partials(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     existing = [] if resumes_in_place(cfg) else run_files(cfg)
