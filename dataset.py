@@ -50,7 +50,7 @@ def read_captions_csv(path, columns=("filename", "caption")):
                     raise DataError(f"{path} line {start} has {len(record)} fields, more than the header's "
                                     f"{width}; put captions that contain commas in double quotes")
                 values = [" ".join(record[header[c]].split()) if header[c] < len(record) else "" for c in columns]
-                rows.append((start, tuple(_normalise_name(v) if c == "filename" else v
+                rows.append((start, tuple(normalise_name(v) if c == "filename" else v
                                           for c, v in zip(columns, values))))
             start = reader.line_num + 1
     except csv.Error as e:
@@ -69,7 +69,7 @@ def _check_header(path, found, columns):
     return {c: found.index(c) for c in columns}
 
 
-def _normalise_name(name):
+def normalise_name(name):
     """`./a.jpg`, `sub//b.jpg` -> `a.jpg`, `sub/b.jpg`: one spelling per file, so one image is counted once.
     Names that lead outside stay outside (`x/../../a.jpg` -> `../a.jpg`), and `inside` refuses them."""
     return posixpath.normpath(name) if name else name

@@ -15,7 +15,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from dataset import DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, read_captions
+from dataset import (DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, normalise_name,
+                     read_captions)
 from engine.augment import color_jitter
 from engine import resume, rundir
 from engine.checkpoint import load_checkpoint, vocab_fingerprint
@@ -119,8 +120,8 @@ def selection_split(cfg, pairs, ckpt):
     of train-root that training never sees; a resumed run keeps the split stored in its checkpoint."""
     if cfg["select-root"] is not None:
         return cfg["select-root"], None
-    if ckpt is not None and ckpt.get("select_files") is not None:
-        return cfg["train-root"], ckpt["select_files"]
+    if ckpt is not None and ckpt.get("select_files") is not None:  # spelled as captions.csv is read now
+        return cfg["train-root"], [normalise_name(n) for n in ckpt["select_files"]]
     names = sorted({n for n, _ in pairs})
     if cfg["select-images"] >= len(names):
         raise ConfigError(f"select-images {cfg['select-images']} would hold out all {len(names)} images of "
@@ -139,6 +140,7 @@ def run(argv):
     if cfg["train-shards"] and cfg["select-root"] is None:
         raise ConfigError("train-shards needs a select-root folder to choose best.pt on (a stream cannot hold "
                           "images out); prepare one with tools.prepare_data")
+    rundir.check_paths(cfg)  # before the lock, which creates the run folder
     # one run at a time on these files: a second one fails at once instead of interleaving their writes
     with rundir.locked(cfg) if rank == 0 else contextlib.nullcontext():
         return fit(cfg, rank, world_size, device)

@@ -222,9 +222,9 @@ def test_the_lock_is_held_while_training(tiny_data, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- output paths that cannot work
 def test_last_path_equal_to_best_path_is_refused(tiny_data, tmp_path):
     with pytest.raises(SystemExit) as e:
-        train.main(tiny_train_args(tiny_data, tmp_path, "--best-path", str(tmp_path / "last.pt")))
+        train.main(tiny_train_args(tiny_data, tmp_path / "new", "--best-path", str(tmp_path / "new" / "last.pt")))
     assert "last-path and best-path are the same file" in one_line_exit(e)
-    assert not (tmp_path / "last.pt").exists()
+    assert not (tmp_path / "new").exists()  # a refused run creates nothing, not even its folder or lock
 
 
 @pytest.mark.parametrize("folder", ["last.pt", "best.pt", "metrics.jsonl"])
@@ -254,3 +254,16 @@ def test_a_data_warning_about_train_root_is_given_once(tiny_data, tmp_path):
     # the selection split is scored from the rows read once: still 4 images, 8 captions
     log = rundir.read_log(str(tmp_path / "run" / "metrics.jsonl"))
     assert [e["select"]["num_captions"] for e in log] == [8, 8]
+
+
+def test_a_stored_selection_split_spelled_otherwise_still_holds_its_images_out(tiny_data, run):
+    ckpt = load_checkpoint(str(run / "last.pt"))
+    held_out = ckpt["select_files"]
+    assert len(held_out) == 4
+    ckpt["select_files"] = ["./" + name for name in held_out]  # as a checkpoint stored names before normalising
+    torch.save(ckpt, run / "last.pt")
+    train.main(resume_args(tiny_data, run))
+    resumed = load_checkpoint(str(run / "last.pt"))
+    assert resumed["epoch"] == 1 and resumed["select_files"] == held_out
+    assert resumed["log_line"]["select"]["num_images"] == 4  # scored on the held-out images ...
+    assert resumed["log_line"]["train"]["steps"] == (48 - 4 * 2) // 8  # ... and none of their 8 pairs trained on
