@@ -132,3 +132,10 @@ def spawn(target, *args, world_size=2):
         p.join(timeout=300)
         assert p.exitcode == 0
 
+
+
+def one_line_exit(excinfo):
+    """The message of an entry's SystemExit, checked to be one `error:` line with no traceback."""
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message

@@ -23,7 +23,7 @@ from engine.images import ImageLimits, ImageTooLarge, load_image, open_image
 from inference import classify, export, search, serve
 from inference import index as search_index
 from inference.encoder import Encoder
-from tests.helpers import DEMO_EVAL_CONFIG, tiny_train_args, write_csv
+from tests.helpers import DEMO_EVAL_CONFIG, one_line_exit, tiny_train_args, write_csv
 from tools import prepare_data
 
 
@@ -32,12 +32,6 @@ def png_bytes(size, mode="1"):
     buffer = io.BytesIO()
     Image.new(mode, size).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def one_line_exit(excinfo):
-    message = str(excinfo.value.code)
-    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
-    return message
 
 
 # ---------------------------------------------------------------------- resources: bounded work per image

@@ -17,14 +17,8 @@ from engine.checkpoint import CheckpointError, load_trained
 from inference import classify, search, serve
 from inference import index as search_index
 from inference.encoder import Encoder, InferenceError, check_templates
-from tests.helpers import DEMO_EVAL_CONFIG, ROOT
+from tests.helpers import DEMO_EVAL_CONFIG, ROOT, one_line_exit
 from tools import demo
-
-
-def one_line_exit(excinfo):
-    message = str(excinfo.value.code)
-    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
-    return message
 
 
 def fails(call):

@@ -16,16 +16,10 @@ import train
 from engine import rundir
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
-from tests.helpers import ROOT, tiny_train_args
+from tests.helpers import ROOT, one_line_exit, tiny_train_args
 from tools import demo
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "report.json", "curves.png")
-
-
-def one_line_exit(excinfo):
-    message = str(excinfo.value.code)
-    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
-    return message
 
 
 def snapshot(folder):
