@@ -2,15 +2,11 @@
 the JSON holds the measured values, so the script cannot rot on machines without a GPU."""
 import json
 import math
-import time
 
 import pytest
 import torch
 
 from bench import gpu
-
-CPU_FORM_BUDGET_S = 90  # the whole CPU form on this project's 2-core machine: about 60 s with one thread
-
 
 @pytest.fixture
 def one_thread(monkeypatch):
@@ -28,9 +24,7 @@ def falling(losses):
 
 
 def test_cpu_form_passes_every_check_with_its_measured_values(tmp_path, one_thread):
-    start = time.perf_counter()
     gpu.main(["--device", "cpu", "--output", str(tmp_path / "gpu.json")])
-    seconds = time.perf_counter() - start
     saved = json.loads((tmp_path / "gpu.json").read_text())
     rows = {}
     for r in saved["rows"]:
@@ -70,7 +64,6 @@ def test_cpu_form_passes_every_check_with_its_measured_values(tmp_path, one_thre
     assert [(m["batch"], m["micro"], m["checkpointing"]) for m in memory] == [(16, 0, False), (16, 4, False),
                                                                              (16, 0, True)]
     assert all(m["samples_per_s"] > 0 and m["total_peak_mib"] > 0 for m in memory)
-    assert seconds < CPU_FORM_BUDGET_S, f"the CPU form took {seconds:.0f} s"
 
 
 def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, one_thread, monkeypatch):
