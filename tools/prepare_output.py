@@ -8,7 +8,7 @@ OUT/captions.csv after its last, so what a folder holds says what happened to it
   prepare.json, no captions.csv  a run stopped part-way: resumed with the same settings, refused with others
   neither, files in images/      files no run recorded: refused unless --overwrite true
 
-`--overwrite true` removes what a run writes (captions.csv, unreadable.txt, images/, prepare.json) just before
+`--overwrite true` removes what a run writes (captions.csv, unreadable.txt, renamed.json, images/, prepare.json) just before
 the new run writes its first image, after its input has been read and checked.
 """
 import argparse
@@ -22,7 +22,9 @@ from tools.caption_sources import fail
 
 RECORD = "prepare.json"
 # the inputs of each command, by option name; with the options below they decide what a run writes
-INPUTS = {"coco": ("annotations", "images"), "flickr30k": ("captions", "images", "split"), "merge": ("sources",)}
+INPUTS = {"coco": ("annotations", "images", "split"), "flickr30k": ("captions", "images", "split"),
+          "chinese-clip": ("input", "split"), "merge": ("sources",),
+          "table": ("captions", "images", "image_column", "caption_column", "format")}
 OPTIONS = ("resize", "captions_per_image", "seed")
 
 
@@ -92,14 +94,15 @@ def start(out, wanted, overwrite):
     run's settings before its first image is written."""
     images = (out / "images").resolve()
     if overwrite:
-        inputs = [wanted[k] for k in INPUTS[wanted["command"]] if isinstance(wanted[k], str) and k != "split"]
+        inputs = [wanted[k] for k in INPUTS[wanted["command"]] if isinstance(wanted[k], str)
+                  and k in ("annotations", "images", "captions", "input")]
         inputs += wanted.get("sources", [])
         for path in inputs:
             if Path(path) == images or images in Path(path).parents:
                 fail(f"{path} is inside {out / 'images'}, which --overwrite true would remove; choose another "
                      f"--output")
         try:  # captions.csv first: a kill part-way leaves a stopped run that its own settings resume
-            for name in ("captions.csv", "unreadable.txt"):
+            for name in ("captions.csv", "unreadable.txt", "renamed.json"):
                 (out / name).unlink(missing_ok=True)
             if (out / "images").is_symlink():
                 (out / "images").unlink()
