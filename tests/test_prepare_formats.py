@@ -145,6 +145,8 @@ def test_chinese_clip_resized_missing_ids_and_wrong_split(chinese, tmp_path):
     assert error_of(argv[:4] + ["test", "--output", str(tmp_path / "c")]) == (
         f"error: {tmp_path / 'MUGE'} has no test_imgs.tsv and test_texts.jsonl (splits found: valid); pass the "
         "folder of a Chinese-CLIP dataset and one of its splits")
+    assert error_of(argv[:4] + ["../valid", "--output", str(tmp_path / "c")]) == (
+        "error: --split '../valid' is not a split name (letters, digits, - or _), e.g. train, valid or test")
 
 
 def test_chinese_clip_an_overlong_tsv_line_is_skipped_not_read(chinese, tmp_path, monkeypatch):
@@ -214,7 +216,7 @@ def test_a_table_row_that_cannot_be_read_is_an_error_naming_its_line(pictures, t
 
 # ---------------------------------------------------------------------------------------------- names that read back
 
-def test_names_that_would_not_read_back_are_renamed_and_recorded(tmp_path):
+def test_names_that_would_not_read_back_are_renamed_and_recorded(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     names = ["tab\there.jpg", "two  spaces.jpg", " leading.jpg", "new\nline.jpg", "two spaces.jpg", "sub/./x.jpg",
@@ -228,6 +230,9 @@ def test_names_that_would_not_read_back_are_renamed_and_recorded(tmp_path):
     out = tmp_path / "out"
     prepare_data.main(["coco", "--annotations", str(annotations), "--images", str(images), "--workers", "1",
                        "--output", str(out)])
+    assert (f"warning: 5 image name(s) would not read back from captions.csv as written (tabs, newlines, double or "
+            f"leading spaces, ./ or //) and are renamed; the mapping is in {out / 'renamed.json'}"
+            ) in capsys.readouterr().err
     renamed = json.loads((out / "renamed.json").read_text())
     assert renamed == {" leading.jpg": "leading.jpg", "new\nline.jpg": "new line.jpg", "sub/./x.jpg": "sub/x.jpg", "tab\there.jpg": "tab here.jpg",
                        "two  spaces.jpg": "two spaces-2.jpg"}

@@ -154,6 +154,8 @@ def index_images(path, wanted):
 
 
 def read_chinese_clip(folder, split):
+    if not ID.fullmatch(split):
+        fail(f"--split {shown(split)} is not a split name (letters, digits, - or _), e.g. train, valid or test")
     folder = Path(folder)
     tsv, jsonl = folder / f"{split}_imgs.tsv", folder / f"{split}_texts.jsonl"
     if not tsv.is_file() or not jsonl.is_file():

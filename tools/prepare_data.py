@@ -4,10 +4,16 @@ Layout: OUT/images/<file> and OUT/captions.csv (UTF-8, header "filename,caption"
 image-caption pair per row, several rows per image; filename is relative to OUT/images).
 
 Commands:
-  coco       the official COCO caption JSON (captions_train2017.json, captions_val2017.json)
+  coco       the official COCO caption JSON (captions_train2017.json, captions_val2017.json), or Karpathy's
+             dataset_coco.json (--images: the folder holding train2014/ and val2014/; --split train, restval,
+             train+restval (the literature's 113,287 training images), val or test (5,000 each), default all)
   flickr30k  either Karpathy's dataset_flickr30k.json (has splits; --split picks one, default
              all) or the results.csv / results_20130124.token caption list (no splits);
              the format is read from the file's content, not its name
+  chinese-clip  Chinese-CLIP's MUGE, Flickr30k-CN, COCO-CN: --input folder, --split valid reads
+             valid_imgs.tsv and valid_texts.jsonl; one row per (image, text) pair (tools/chinese_clip.py)
+  table      any CSV, TSV or JSON-lines captions table: --captions, --images, --image-column,
+             --caption-column (tools/caption_table.py)
   merge      joins folders prepared by the commands above into one; every image is renamed
              <source folder name>_<file> (datasets/coco/images/x.jpg -> coco_x.jpg), so names
              from different sources cannot clash; a clash that remains is an error
@@ -40,7 +46,8 @@ Options of every command:
                is refused)
 
 Captions are stripped and inner runs of whitespace become one space; empty captions are
-dropped. Every image and captions.csv is written to a temporary name and then renamed, so a
+dropped. Image names that would not read back from captions.csv as written (tabs, newlines, double or
+leading spaces) are renamed, the mapping in OUT/renamed.json (tools/readable_names.py). Every image and captions.csv is written to a temporary name and then renamed, so a
 file that exists is complete, and captions.csv is written last. A run stopped part-way (no
 captions.csv yet) is resumed by the same command: it skips images already present and redoes
 only the rest. OUT/prepare.json records the settings a run started with; a rerun with other
@@ -155,7 +162,8 @@ def prepare(items, args):
     renamed = readable_names.readable([item.name for item in items])
     if renamed:
         warn(f"{len(renamed)} image name(s) would not read back from captions.csv as written (tabs, newlines, "
-             f"double or leading spaces) and are renamed; the mapping is in {args.output / readable_names.RECORD}")
+             f"double or leading spaces, ./ or //) and are renamed; the mapping is in "
+             f"{args.output / readable_names.RECORD}")
         items = sorted((item._replace(name=renamed.get(item.name, item.name)) for item in items),
                        key=lambda item: item.name)
     seen = {}  # output name -> source
