@@ -234,7 +234,8 @@ def test_names_that_would_not_read_back_are_renamed_and_recorded(tmp_path, capsy
             f"leading spaces, ./ or //) and are renamed; the mapping is in {out / 'renamed.json'}"
             ) in capsys.readouterr().err
     renamed = json.loads((out / "renamed.json").read_text())
-    assert renamed == {" leading.jpg": "leading.jpg", "new\nline.jpg": "new line.jpg", "sub/./x.jpg": "sub/x.jpg", "tab\there.jpg": "tab here.jpg",
+    assert renamed == {" leading.jpg": "leading.jpg", "new\nline.jpg": "new line.jpg", "sub/./x.jpg": "sub/x.jpg",
+                       "tab\there.jpg": "tab here.jpg",
                        "two  spaces.jpg": "two spaces-2.jpg"}
     written = {renamed.get(n, n): f"c{i}" for i, n in enumerate(names)}
     assert sorted(read_captions(str(out))) == sorted(written.items())  # every row reads back, every image found

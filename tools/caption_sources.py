@@ -164,8 +164,8 @@ def read_karpathy(path, data, images_dir, split):
     for n, entry in enumerate(data["images"]):
         if not (isinstance(entry, dict) and isinstance(entry.get("sentences"), list)
                 and all(isinstance(s, dict) and "raw" in s for s in entry["sentences"])):
-            fail(f"{path} is not Karpathy's dataset_flickr30k.json or dataset_coco.json (images[{n}] needs 'filename', 'split' and "
-                 "'sentences' with 'raw')")
+            fail(f"{path} is not Karpathy's dataset_flickr30k.json or dataset_coco.json (images[{n}] needs "
+                 "'filename', 'split' and 'sentences' with 'raw')")
         name = check_name(path, f"the filename of images[{n}]", entry.get("filename"))
         folder = check_name(path, f"the filepath of images[{n}]", entry.get("filepath", "."))
         if Path(folder).is_absolute() or ".." in Path(folder).parts:  # the file names a folder; --images decides

@@ -47,8 +47,8 @@ Options of every command:
 
 Captions are stripped and inner runs of whitespace become one space; empty captions are
 dropped. Image names that would not read back from captions.csv as written (tabs, newlines, double or
-leading spaces) are renamed, the mapping in OUT/renamed.json (tools/readable_names.py). Every image and captions.csv is written to a temporary name and then renamed, so a
-file that exists is complete, and captions.csv is written last. A run stopped part-way (no
+leading spaces) are renamed, the mapping in OUT/renamed.json (tools/readable_names.py). Every
+image and captions.csv is written to a temporary name and then renamed, so a file that exists is complete, and captions.csv is written last. A run stopped part-way (no
 captions.csv yet) is resumed by the same command: it skips images already present and redoes
 only the rest. OUT/prepare.json records the settings a run started with; a rerun with other
 settings (e.g. another --resize) is refused, as is an OUT that already holds a finished

@@ -8,8 +8,8 @@ OUT/captions.csv after its last, so what a folder holds says what happened to it
   prepare.json, no captions.csv  a run stopped part-way: resumed with the same settings, refused with others
   neither, files in images/      files no run recorded: refused unless --overwrite true
 
-`--overwrite true` removes what a run writes (captions.csv, unreadable.txt, renamed.json, images/, prepare.json) just before
-the new run writes its first image, after its input has been read and checked.
+`--overwrite true` removes what a run writes (captions.csv, unreadable.txt, renamed.json, images/, prepare.json)
+just before the new run writes its first image, after its input has been read and checked.
 """
 import argparse
 import json
