@@ -278,3 +278,24 @@ def test_hostile_coco_json_is_a_one_line_error(tmp_path, text, expected):
     (tmp_path / "images").mkdir()
     assert error_of(["coco", "--annotations", str(path), "--images", str(tmp_path / "images"),
                      "--output", str(tmp_path / "out")]) == f"error: {path} {expected}"
+
+
+def test_stopped_runs_resume_from_a_tsv_and_from_a_record_older_than_split(chinese, karpathy, tmp_path):
+    argv, jpeg, _ = chinese
+    out = tmp_path / "zh"
+    prepare_data.main(argv + ["--output", str(out)])
+    (out / "captions.csv").unlink()  # as if killed before the last write, with one image not yet written
+    (out / "images" / "101.jpg").unlink()
+    prepare_data.main(argv + ["--output", str(out)])
+    assert (out / "images" / "101.jpg").read_bytes() == jpeg and len(rows(out)) == 3
+    # a run recorded before coco had --split: its record lacks the key, and the same command still resumes it
+    out = tmp_path / "coco"
+    prepare_data.main(karpathy + ["--output", str(out)])
+    (out / "captions.csv").unlink()
+    record = json.loads((out / "prepare.json").read_text())
+    del record["split"]
+    (out / "prepare.json").write_text(json.dumps(record))
+    prepare_data.main(karpathy + ["--output", str(out)])
+    assert len(rows(out)) == 10
+    (out / "captions.csv").unlink()
+    assert "--split not given then, test now" in error_of(karpathy + ["--output", str(out), "--split", "test"])

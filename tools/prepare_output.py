@@ -85,8 +85,9 @@ def refuse_or_resume(out, wanted, overwrite):
         keys = list(wanted) + [k for k in recorded if k not in wanted]
         changed = [f"{_option(k)} {_shown(recorded.get(k))} then, {_shown(wanted.get(k))} now"
                    for k in keys if recorded.get(k) != wanted.get(k)]
-        fail(f"{out} holds a run stopped part-way with other settings ({'; '.join(changed)}); rerun with its "
-             f"settings to resume it, or pass --overwrite true to start afresh")
+        if changed:  # none: a record from before an option existed, which it leaves unset (None)
+            fail(f"{out} holds a run stopped part-way with other settings ({'; '.join(changed)}); rerun with "
+                 f"its settings to resume it, or pass --overwrite true to start afresh")
 
 
 def start(out, wanted, overwrite):
