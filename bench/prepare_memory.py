@@ -34,8 +34,7 @@ def write_split(folder, n, seed=0):
         Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=85)
         blobs.append(base64.b64encode(buffer.getvalue()))
     with open(os.path.join(folder, "train_imgs.tsv"), "wb") as f:
-        for i in range(n):
-            f.write(f"{100000 + i}\t".encode() + blobs[i % 8] + b"\n")
+        f.writelines(f"{100000 + i}\t".encode() + blobs[i % 8] + b"\n" for i in range(n))
     with open(os.path.join(folder, "train_texts.jsonl"), "w", encoding="utf-8") as f:
         for i in range(n):
             ids = [100000 + i] + ([100000 + (i + 1) % n] if i % 3 == 0 else [])

@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -70,7 +71,7 @@ def test_karpathy_coco_splits_and_image_folders(karpathy, tmp_path, split, names
 
 def test_karpathy_coco_bad_splits_and_paths(karpathy, tmp_path):
     out = ["--output", str(tmp_path / "out")]
-    data = json.loads(open(karpathy[2]).read())
+    data = json.loads(Path(karpathy[2]).read_text())
     data["images"] = [e for e in data["images"] if e["split"] != "restval"]
     flickr_like = tmp_path / "no_restval.json"
     flickr_like.write_text(json.dumps(data))
@@ -91,13 +92,14 @@ def test_karpathy_coco_bad_splits_and_paths(karpathy, tmp_path):
 
 @pytest.fixture
 def chinese(tmp_path):
-    """A valid split: 101 (JPEG) and 102 (PNG) are right for one text, 103 does not decode, 104 is in no text."""
+    """A valid split: 101 (JPEG, after a byte-order mark) and 102 (PNG) are right for one text, 103 does not decode,
+    104 is in no text."""
     folder = tmp_path / "MUGE"
     folder.mkdir()
     jpeg, png = image_bytes("JPEG"), image_bytes("PNG", color=(10, 200, 10))
     b64 = {k: base64.b64encode(v).decode() for k, v in {"jpeg": jpeg, "png": png}.items()}
     (folder / "valid_imgs.tsv").write_text(
-        f"101\t{b64['jpeg']}\n102\t{b64['png']}\n103\tbm90IGFuIGltYWdl\n104\t{b64['jpeg']}\n"
+        f"\ufeff101\t{b64['jpeg']}\n102\t{b64['png']}\n103\tbm90IGFuIGltYWdl\n104\t{b64['jpeg']}\n"
         f"no tab on this line\n101\t{b64['png']}\nbad id!\t{b64['jpeg']}\n")
     (folder / "valid_texts.jsonl").write_text("\n".join([
         json.dumps({"text_id": 1, "text": "两只小猫", "image_ids": [101, 102]}, ensure_ascii=False),
@@ -180,8 +182,8 @@ def pictures(tmp_path):
 @pytest.mark.parametrize("suffix, text", [
     (".csv", 'id,picture,description\n1,a.jpg,A dog\n2,b c.jpg,"A cat, asleep"\n3,a.jpg,  A second  dog \n'),
     (".tsv", "picture\tdescription\na.jpg\tA dog\nb c.jpg\tA cat, asleep\na.jpg\tA second dog\n"),
-    (".jsonl", '{"picture": "a.jpg", "description": ["A dog", "A second dog"]}\n\n'
-               '{"picture": "b c.jpg", "description": "A cat, asleep", "extra": 1}\n')])
+    (".jsonl", ('{"picture": "a.jpg", "description": ["A dog", "A second dog"]}\n\n'
+                '{"picture": "b c.jpg", "description": "A cat, asleep", "extra": 1}\n'))])
 def test_a_table_with_other_column_names(pictures, tmp_path, suffix, text):
     table = tmp_path / f"table{suffix}"
     table.write_text(text)

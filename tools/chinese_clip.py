@@ -126,6 +126,9 @@ def index_images(path, wanted):
                 broken.append(where)
             continue
         raw_id, _, data = line.partition(b"\t")
+        start = offset + len(raw_id) + 1  # where the base64 begins
+        if number == 1 and raw_id.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as some editors save
+            raw_id = raw_id[3:]
         image_id = raw_id.decode("ascii", "replace").strip()
         if not ID.fullmatch(image_id) or image_id in index or image_id in failed:
             broken.append(where)
@@ -145,7 +148,7 @@ def index_images(path, wanted):
             undecodable.append(f"{where} (image {image_id})")
             failed.add(image_id)
             continue
-        index[image_id] = Embedded(str(path), offset + len(raw_id) + 1, len(data), f"{path} {where}"), ext
+        index[image_id] = Embedded(str(path), start, len(data), f"{path} {where}"), ext
     warn_listed(f"broken line(s) in {path} are left out (no tab, an id that is not letters, digits, - or _, or "
                 "an id seen before)", broken)
     warn_listed(f"image(s) in {path} failed to decode and are left out with their texts' pairs", undecodable)
