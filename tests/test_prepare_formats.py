@@ -142,8 +142,8 @@ def test_chinese_clip_resized_missing_ids_and_wrong_split(chinese, tmp_path):
         f"error: 1 of 3 images are missing (first: {tmp_path / 'MUGE' / 'valid_imgs.tsv'} image 555); check the "
         "image folder, or pass --skip-missing to leave them out")
     prepare_data.main(argv + ["--output", str(tmp_path / "b"), "--skip-missing"])
-    assert rows(tmp_path / "b") == [("101.jpg", "两只小猫"), ("101.jpg", "一只 红色的鞋"), ("101.jpg", "gone"),
-                                     ("102.png", "两只小猫")]
+    assert rows(tmp_path / "b") == [("101.jpg", "两只小猫"), ("101.jpg", "一只 红色的鞋"),
+                                     ("101.jpg", "gone"), ("102.png", "两只小猫")]
     assert error_of(argv[:4] + ["test", "--output", str(tmp_path / "c")]) == (
         f"error: {tmp_path / 'MUGE'} has no test_imgs.tsv and test_texts.jsonl (splits found: valid); pass the "
         "folder of a Chinese-CLIP dataset and one of its splits")

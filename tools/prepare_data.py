@@ -48,9 +48,9 @@ Options of every command:
 Captions are stripped and inner runs of whitespace become one space; empty captions are
 dropped. Image names that would not read back from captions.csv as written (tabs, newlines, double or
 leading spaces) are renamed, the mapping in OUT/renamed.json (tools/readable_names.py). Every
-image and captions.csv is written to a temporary name and then renamed, so a file that exists is complete, and captions.csv is written last. A run stopped part-way (no
-captions.csv yet) is resumed by the same command: it skips images already present and redoes
-only the rest. OUT/prepare.json records the settings a run started with; a rerun with other
+image and captions.csv is written to a temporary name and then renamed, so a file that exists is
+complete, and captions.csv is written last. A run stopped part-way (no captions.csv yet) is
+resumed by the same command: it skips images already present and redoes only the rest. OUT/prepare.json records the settings a run started with; a rerun with other
 settings (e.g. another --resize) is refused, as is an OUT that already holds a finished
 dataset, unless --overwrite true (see tools/prepare_output.py). Images that cannot be decoded
 while resizing are listed in OUT/unreadable.txt and their captions are left out of captions.csv.
@@ -195,9 +195,9 @@ def prepare(items, args):
     for folder in {(images_dir / item.name).parent for item in items}:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(str(folder))  # what a killed earlier run left half-written
-    errors = place_images([(item.src if isinstance(item.src, Embedded) else str(item.src), str(images_dir / item.name),
-                            args.resize)
-                           for item in items], args.workers)
+    sources = [item.src if isinstance(item.src, Embedded) else str(item.src) for item in items]
+    errors = place_images([(src, str(images_dir / item.name), args.resize) for src, item in zip(sources, items)],
+                          args.workers)
 
     # rewritten on every run: images that failed before are retried, as they have no output
     report = args.output / "unreadable.txt"
