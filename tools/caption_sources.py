@@ -7,7 +7,8 @@ from typing import NamedTuple
 from dataset import DataError, read_captions_csv
 from engine.errors import UserError
 
-SPLITS = ["train", "val", "test", "all"]
+# Karpathy's splits; COCO's also has restval, which the literature trains on with train (113,287 images)
+SPLITS = ["train", "restval", "train+restval", "val", "test", "all"]
 
 
 class PrepareError(UserError, ValueError):
@@ -40,25 +41,62 @@ def parse_json(path, text):
         return json.loads(text)
     except json.JSONDecodeError as e:
         fail(f"{path} is not valid JSON ({e})")
+    except ValueError:  # Python refuses to parse an integer of more than 4300 digits
+        fail(f"{path} holds a number too long to be an id or a count; it is not a caption file")
+    except RecursionError:
+        fail(f"{path} is nested too deeply to be a caption file")
 
 
-def read_coco(annotations, images_dir):
+def shown(value):
+    """A value from a file, short enough for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_id(path, where, value):
+    # ids are dictionary keys and are printed: a list is unhashable, a bool or float is no id
+    if type(value) not in (int, str):
+        fail(f"{path}: {where} is {shown(value)}; ids must be integers or strings")
+    return value
+
+
+def check_name(path, where, value):
+    if not isinstance(value, str) or not value:
+        fail(f"{path}: {where} is {shown(value)}; image file names must be non-empty strings")
+    return value
+
+
+def is_karpathy(data):
+    # Karpathy's files (dataset_coco.json, dataset_flickr30k.json) have 'images' with 'sentences', no 'annotations'
+    return (isinstance(data, dict) and isinstance(data.get("images"), list) and "annotations" not in data
+            and bool(data["images"]) and isinstance(data["images"][0], dict) and "sentences" in data["images"][0])
+
+
+def read_coco(annotations, images_dir, split=None):
     data = parse_json(annotations, read_text(annotations))
+    if is_karpathy(data):
+        return read_karpathy(annotations, data, images_dir, split)
+    if split not in (None, "all"):
+        fail(f"--split {split} needs Karpathy's dataset_coco.json, but {annotations} is an official COCO caption "
+             "file, which is one split already; leave out --split")
     if not (isinstance(data, dict) and isinstance(data.get("images"), list)
             and isinstance(data.get("annotations"), list)):
         fail(f"{annotations} is not a COCO caption file (it needs 'images' and 'annotations' "
              "lists); pass annotations/captions_<split>2017.json")
     try:
-        names = {image["id"]: image["file_name"] for image in data["images"]}
+        names = {check_id(annotations, f"the id of images[{n}]", image["id"]):
+                 check_name(annotations, f"the file_name of images[{n}]", image["file_name"])
+                 for n, image in enumerate(data["images"])}
         captions = {i: [] for i in names}  # image id -> captions; prepare() counts empty ones
-        for ann in data["annotations"]:
+        for n, ann in enumerate(data["annotations"]):
             if "caption" not in ann:
                 fail(f"{annotations} has annotations without 'caption' (an instances or keypoints "
                      "file?); pass annotations/captions_<split>2017.json")
-            if ann["image_id"] not in names:
-                fail(f"{annotations}: annotation {ann.get('id')} refers to image id "
-                     f"{ann['image_id']}, which is not in 'images'")
-            captions[ann["image_id"]].append(ann["caption"])
+            image_id = check_id(annotations, f"the image_id of annotations[{n}]", ann["image_id"])
+            if image_id not in names:
+                fail(f"{annotations}: annotations[{n}] refers to image id {shown(image_id)}, which is not in "
+                     "'images'")
+            captions[image_id].append(ann["caption"])
     except (KeyError, TypeError):
         fail(f"{annotations} is not a COCO caption file (images need 'id' and 'file_name', "
              "annotations 'image_id' and 'caption')")
@@ -119,13 +157,27 @@ def parse_token_line(line):
 
 
 def read_karpathy(path, data, images_dir, split):
-    try:
-        return [Item(entry["filename"], images_dir / entry["filename"],
-                     [sentence["raw"] for sentence in entry["sentences"]])
-                for entry in data["images"] if split in (None, "all") or entry["split"] == split]
-    except (KeyError, TypeError):
-        fail(f"{path} is not Karpathy's dataset_flickr30k.json (each entry of 'images' needs "
-             "'filename', 'split' and 'sentences' with 'raw')")
+    """Karpathy's dataset_coco.json or dataset_flickr30k.json: each entry's image is images_dir/[filepath/]filename
+    (COCO's filepath is train2014 or val2014) and is written as its filename, which is unique in both files."""
+    wanted = {"train+restval": {"train", "restval"}, None: None, "all": None}.get(split, {split})
+    items, splits = [], set()
+    for n, entry in enumerate(data["images"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("sentences"), list)
+                and all(isinstance(s, dict) and "raw" in s for s in entry["sentences"])):
+            fail(f"{path} is not Karpathy's dataset_flickr30k.json or dataset_coco.json (images[{n}] needs "
+                 "'filename', 'split' and 'sentences' with 'raw')")
+        name = check_name(path, f"the filename of images[{n}]", entry.get("filename"))
+        folder = check_name(path, f"the filepath of images[{n}]", entry.get("filepath", "."))
+        if Path(folder).is_absolute() or ".." in Path(folder).parts:  # the file names a folder; --images decides
+            fail(f"{path}: the filepath of images[{n}] is {shown(folder)}, which leads outside --images; such "
+                 "paths are refused")
+        splits.add(check_name(path, f"the split of images[{n}]", entry.get("split")))
+        if wanted is None or entry["split"] in wanted:
+            items.append(Item(name, images_dir / folder / name, [s["raw"] for s in entry["sentences"]]))
+    if not items:
+        fail(f"{path} has no image in split {split} (its splits: {', '.join(sorted(map(shown, splits)))}); "
+             "choose one of those")
+    return items
 
 
 def read_prepared(sources, out):

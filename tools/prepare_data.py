@@ -4,10 +4,16 @@ Layout: OUT/images/<file> and OUT/captions.csv (UTF-8, header "filename,caption"
 image-caption pair per row, several rows per image; filename is relative to OUT/images).
 
 Commands:
-  coco       the official COCO caption JSON (captions_train2017.json, captions_val2017.json)
+  coco       the official COCO caption JSON (captions_train2017.json, captions_val2017.json), or Karpathy's
+             dataset_coco.json (--images: the folder holding train2014/ and val2014/; --split train, restval,
+             train+restval (the literature's 113,287 training images), val or test (5,000 each), default all)
   flickr30k  either Karpathy's dataset_flickr30k.json (has splits; --split picks one, default
              all) or the results.csv / results_20130124.token caption list (no splits);
              the format is read from the file's content, not its name
+  chinese-clip  Chinese-CLIP's MUGE, Flickr30k-CN, COCO-CN: --input folder, --split valid reads
+             valid_imgs.tsv and valid_texts.jsonl; one row per (image, text) pair (tools/chinese_clip.py)
+  table      any CSV, TSV or JSON-lines captions table: --captions, --images, --image-column,
+             --caption-column (tools/caption_table.py)
   merge      joins folders prepared by the commands above into one; every image is renamed
              <source folder name>_<file> (datasets/coco/images/x.jpg -> coco_x.jpg), so names
              from different sources cannot clash; a clash that remains is an error
@@ -40,16 +46,18 @@ Options of every command:
                is refused)
 
 Captions are stripped and inner runs of whitespace become one space; empty captions are
-dropped. Every image and captions.csv is written to a temporary name and then renamed, so a
-file that exists is complete, and captions.csv is written last. A run stopped part-way (no
-captions.csv yet) is resumed by the same command: it skips images already present and redoes
-only the rest. OUT/prepare.json records the settings a run started with; a rerun with other
+dropped. Image names that would not read back from captions.csv as written (tabs, newlines, double or
+leading spaces) are renamed, the mapping in OUT/renamed.json (tools/readable_names.py). Every
+image and captions.csv is written to a temporary name and then renamed, so a file that exists is
+complete, and captions.csv is written last. A run stopped part-way (no captions.csv yet) is
+resumed by the same command: it skips images already present and redoes only the rest. OUT/prepare.json records the settings a run started with; a rerun with other
 settings (e.g. another --resize) is refused, as is an OUT that already holds a finished
 dataset, unless --overwrite true (see tools/prepare_output.py). Images that cannot be decoded
 while resizing are listed in OUT/unreadable.txt and their captions are left out of captions.csv.
 """
 import argparse
 import csv
+import io
 import os
 import shutil
 import sys
@@ -61,9 +69,11 @@ from tqdm import tqdm
 
 from dataset import choose_captions, inside
 from engine.errors import run_entry
-from engine.files import atomic_write, remove_stale_partials, temporary_name
-from tools import prepare_output, shards
+from engine.files import atomic_write, remove_stale_partials, temporary_name, write_json
+from tools import prepare_output, readable_names, shards
 from tools.caption_sources import SPLITS, Item, fail, read_coco, read_flickr30k, read_prepared
+from tools.caption_table import FORMATS, read_table
+from tools.chinese_clip import Embedded, read_chinese_clip, read_embedded
 
 JPEG_QUALITY = 90
 MAX_LISTED = 5  # missing images named in the error message
@@ -82,12 +92,18 @@ def clean(caption):
 
 def place_image(job):
     """Write one output image. Returns None, or why the source could not be decoded."""
-    src, dst, size = job
+    src, dst, size = job  # src: a path, or an image embedded in a TSV line (tools/chinese_clip.py)
     dst = Path(dst)
     if dst.exists():  # written as temp + rename, so an existing file is complete
         return None
     tmp = Path(temporary_name(dst))  # a crash leaves only this, redone (and replaced) on the next run
-    if size is None:
+    try:
+        data = read_embedded(src) if isinstance(src, Embedded) else None
+    except (OSError, ValueError) as e:  # the TSV changed since it was indexed
+        return f"{type(e).__name__}: {e}"
+    if size is None and data is not None:
+        tmp.write_bytes(data)  # the image file as it was before base64
+    elif size is None:
         tmp.unlink(missing_ok=True)  # os.link will not overwrite a leftover
         try:
             os.link(src, tmp)
@@ -95,7 +111,7 @@ def place_image(job):
             shutil.copyfile(src, tmp)
     else:
         try:
-            with Image.open(src) as image:
+            with Image.open(src if data is None else io.BytesIO(data)) as image:
                 w, h = image.size
                 if min(w, h) > size:
                     new = (size, round(h * size / w)) if w <= h else (round(w * size / h), size)
@@ -143,6 +159,13 @@ def prepare(items, args):
              f"{', '.join(repr(item.name[:80]) for item in unsafe[:MAX_LISTED])}); such names are refused, fix "
              "the caption file")
 
+    renamed = readable_names.readable([item.name for item in items])
+    if renamed:
+        warn(f"{len(renamed)} image name(s) would not read back from captions.csv as written (tabs, newlines, "
+             f"double or leading spaces, ./ or //) and are renamed; the mapping is in "
+             f"{args.output / readable_names.RECORD}")
+        items = sorted((item._replace(name=renamed.get(item.name, item.name)) for item in items),
+                       key=lambda item: item.name)
     seen = {}  # output name -> source
     for item in items:
         if item.name in seen:
@@ -172,8 +195,9 @@ def prepare(items, args):
     for folder in {(images_dir / item.name).parent for item in items}:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(str(folder))  # what a killed earlier run left half-written
-    errors = place_images([(str(item.src), str(images_dir / item.name), args.resize)
-                           for item in items], args.workers)
+    sources = [item.src if isinstance(item.src, Embedded) else str(item.src) for item in items]
+    errors = place_images([(src, str(images_dir / item.name), args.resize) for src, item in zip(sources, items)],
+                          args.workers)
 
     # rewritten on every run: images that failed before are retried, as they have no output
     report = args.output / "unreadable.txt"
@@ -184,6 +208,11 @@ def prepare(items, args):
     else:
         report.unlink(missing_ok=True)
     kept = [item for item, error in zip(items, errors) if not error]
+    record = args.output / readable_names.RECORD  # {name in the source: name in captions.csv}
+    if renamed:
+        write_json(record, renamed)
+    else:
+        record.unlink(missing_ok=True)
 
     def write_csv(f):
         writer = csv.writer(f, lineterminator="\n")
@@ -229,14 +258,26 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
     coco = commands.add_parser("coco", parents=[common], help="COCO caption JSON")
     coco.add_argument("--annotations", type=Path, required=True,
-                      help="captions_<split>2017.json")
-    coco.add_argument("--images", type=Path, required=True, help="folder of the images")
+                      help="captions_<split>2017.json, or Karpathy's dataset_coco.json")
+    coco.add_argument("--images", type=Path, required=True,
+                      help="folder of the images (for dataset_coco.json: the one holding train2014/ and val2014/)")
+    coco.add_argument("--split", choices=SPLITS,
+                      help="split to keep; only for dataset_coco.json (train+restval: the 113,287 training images)")
     flickr = commands.add_parser("flickr30k", parents=[common], help="Flickr30k captions")
     flickr.add_argument("--captions", type=Path, required=True,
                         help="dataset_flickr30k.json, results.csv or results_20130124.token")
     flickr.add_argument("--images", type=Path, required=True, help="folder of the images")
     flickr.add_argument("--split", choices=SPLITS,
                         help="split to keep; only for dataset_flickr30k.json (default: all)")
+    chinese = commands.add_parser("chinese-clip", parents=[common], help="Chinese-CLIP's TSV + JSONL")
+    chinese.add_argument("--input", type=Path, required=True, help="folder with {split}_imgs.tsv, {split}_texts.jsonl")
+    chinese.add_argument("--split", required=True, help="train, valid or test (the files' prefix)")
+    table = commands.add_parser("table", parents=[common], help="any CSV, TSV or JSON-lines captions table")
+    table.add_argument("--captions", type=Path, required=True, help="the table")
+    table.add_argument("--images", type=Path, required=True, help="folder of the images the table names")
+    table.add_argument("--image-column", required=True, help="column (or JSON key) of the image file name")
+    table.add_argument("--caption-column", required=True, help="column (or JSON key) of the caption")
+    table.add_argument("--format", choices=FORMATS, help="default: from the file's extension")
     merge = commands.add_parser("merge", parents=[common], help="join prepared folders")
     merge.add_argument("sources", type=Path, nargs="+", help="folders made by this script")
     shards.add_command(commands)  # python -m tools.prepare_data shards --input ... --output ... --shard-size N
@@ -248,14 +289,18 @@ def run(args):
         return shards.run(args)
     if args.output.exists() and not args.output.is_dir():
         fail(f"--output {args.output} is a file; pass a folder (it gets images/ and captions.csv)")
-    if args.command in ("coco", "flickr30k") and not args.images.is_dir():
+    if args.command in ("coco", "flickr30k", "table") and not args.images.is_dir():
         fail(f"--images {args.images} is not a folder")
     # before the input is read: a finished dataset or another run's part is never written over unasked
     prepare_output.refuse_or_resume(args.output, prepare_output.settings(args), args.overwrite)
     if args.command == "coco":
-        items = read_coco(args.annotations, args.images)
+        items = read_coco(args.annotations, args.images, args.split)
     elif args.command == "flickr30k":
         items = read_flickr30k(args.captions, args.images, args.split)
+    elif args.command == "chinese-clip":
+        items = read_chinese_clip(args.input, args.split)
+    elif args.command == "table":
+        items = read_table(args.captions, args.images, args.image_column, args.caption_column, args.format)
     else:
         items = read_prepared(args.sources, args.output)
     args.output.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ OUT/captions.csv after its last, so what a folder holds says what happened to it
   prepare.json, no captions.csv  a run stopped part-way: resumed with the same settings, refused with others
   neither, files in images/      files no run recorded: refused unless --overwrite true
 
-`--overwrite true` removes what a run writes (captions.csv, unreadable.txt, images/, prepare.json) just before
-the new run writes its first image, after its input has been read and checked.
+`--overwrite true` removes what a run writes (captions.csv, unreadable.txt, renamed.json, images/, prepare.json)
+just before the new run writes its first image, after its input has been read and checked.
 """
 import argparse
 import json
@@ -22,7 +22,9 @@ from tools.caption_sources import fail
 
 RECORD = "prepare.json"
 # the inputs of each command, by option name; with the options below they decide what a run writes
-INPUTS = {"coco": ("annotations", "images"), "flickr30k": ("captions", "images", "split"), "merge": ("sources",)}
+INPUTS = {"coco": ("annotations", "images", "split"), "flickr30k": ("captions", "images", "split"),
+          "chinese-clip": ("input", "split"), "merge": ("sources",),
+          "table": ("captions", "images", "image_column", "caption_column", "format")}
 OPTIONS = ("resize", "captions_per_image", "seed")
 
 
@@ -83,8 +85,9 @@ def refuse_or_resume(out, wanted, overwrite):
         keys = list(wanted) + [k for k in recorded if k not in wanted]
         changed = [f"{_option(k)} {_shown(recorded.get(k))} then, {_shown(wanted.get(k))} now"
                    for k in keys if recorded.get(k) != wanted.get(k)]
-        fail(f"{out} holds a run stopped part-way with other settings ({'; '.join(changed)}); rerun with its "
-             f"settings to resume it, or pass --overwrite true to start afresh")
+        if changed:  # none: a record from before an option existed, which it leaves unset (None)
+            fail(f"{out} holds a run stopped part-way with other settings ({'; '.join(changed)}); rerun with "
+                 f"its settings to resume it, or pass --overwrite true to start afresh")
 
 
 def start(out, wanted, overwrite):
@@ -92,14 +95,15 @@ def start(out, wanted, overwrite):
     run's settings before its first image is written."""
     images = (out / "images").resolve()
     if overwrite:
-        inputs = [wanted[k] for k in INPUTS[wanted["command"]] if isinstance(wanted[k], str) and k != "split"]
+        inputs = [wanted[k] for k in INPUTS[wanted["command"]] if isinstance(wanted[k], str)
+                  and k in ("annotations", "images", "captions", "input")]
         inputs += wanted.get("sources", [])
         for path in inputs:
             if Path(path) == images or images in Path(path).parents:
                 fail(f"{path} is inside {out / 'images'}, which --overwrite true would remove; choose another "
                      f"--output")
         try:  # captions.csv first: a kill part-way leaves a stopped run that its own settings resume
-            for name in ("captions.csv", "unreadable.txt"):
+            for name in ("captions.csv", "unreadable.txt", "renamed.json"):
                 (out / name).unlink(missing_ok=True)
             if (out / "images").is_symlink():
                 (out / "images").unlink()
