@@ -1,18 +1,15 @@
 """More negatives than the batch holds: the feature queue, its momentum towers and VSE++'s hard-negative hinge.
 Values against hand computations; the queue and the towers against one process, against the plain step under
 gradient caching, and across a save and a resume."""
-import io
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine.momentum import MomentumTowers
-from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss, FeatureQueue, make_loss
-from tests.helpers import B, NoScaler, assert_same, grads, spawn, tiny_batch, tiny_model
+from tests.helpers import B, tiny_batch, tiny_model
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 

@@ -29,7 +29,9 @@ def build(text_dir, momentum, rank=0, world_size=1, queue=QUEUE):
     model = tiny_model(text_dir, dropout=0.0)
     loss_fn = ContrastiveLoss(rank, world_size, queue_size=queue, dim=model.dim, hard_weight=0.5)
     towers = MomentumTowers(model, momentum) if momentum is not None else None
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # momentum: optimizer state to resume too
+    # a small rate keeps the tiny model away from collapse over the steps compared (its gradients stay large);
+    # momentum: optimizer state for the resume to restore too
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     return model, loss_fn, towers, opt
 
 
@@ -135,18 +137,10 @@ def feature_steps(rank=0, world_size=1):
     return out, loss_fn.state_dict()
 
 
-def feature_worker(rank, world_size, port, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.save(feature_steps(rank, world_size), os.path.join(result_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
-
-
-def test_two_processes_keep_one_processs_queue_and_loss(tmp_path):
+def check_feature_steps(result_path):
     one, one_queue = feature_steps()
-    spawn(feature_worker, str(tmp_path))
     for r in range(2):
-        steps, queue = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        steps, queue = torch.load(f"{result_path}.features.{r}", weights_only=True)
         part = slice(r * 4, (r + 1) * 4)
         for got, want in zip(steps, one):
             assert got["loss"] == pytest.approx(want["loss"], abs=1e-6) and got["acc"] == want["acc"]
@@ -162,6 +156,7 @@ def model_worker(rank, world_size, port, text_dir, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
+    torch.save(feature_steps(rank, world_size), f"{result_path}.features.{rank}")
     model, loss_fn, towers, opt = build(text_dir, 0.9, rank, world_size)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     history = run(model, loss_fn, towers, opt, text_dir, range(2), micro=4, ddp=ddp, rank=rank,
@@ -172,11 +167,13 @@ def model_worker(rank, world_size, port, text_dir, result_path):
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_with_gradient_caching_train_as_one(tiny_data, tmp_path):
+def test_two_processes_keep_one_processs_queue_loss_and_update(tiny_data, tmp_path):
+    """One pair of processes for two checks: the loss on fixed features, then training with gradient caching."""
     text_dir = tiny_data / "text"
     one = build(text_dir, 0.9)
     losses = [h[0] for h in run(*one, text_dir, range(2))]
     spawn(model_worker, text_dir, tmp_path / "result")
+    check_feature_steps(tmp_path / "result")
     for r in range(2):
         got_losses, state, loss_state, tower_state = torch.load(f"{tmp_path / 'result'}.{r}", weights_only=True)
         assert got_losses == pytest.approx(losses, abs=1e-5)
