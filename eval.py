@@ -41,10 +41,8 @@ SCHEMA = Schema({
     "amp-dtype": ("float16", (str,), "autocast dtype on CUDA: float16 or bfloat16", one_of("float16", "bfloat16")),
     "device": ("auto", (str,), "auto, cpu or cuda"),
     "text-model": (None, (str, type(None)), "tokenizer/config folder; null = the one named in the checkpoint"),
-    "folds": (1, (int,), "also report the mean over this many folds of consecutive images (COCO 1K: 5); must "
-                         "divide the image count", positive),
-    "group-texts": (True, (bool,), "rows with the same caption text are one text->image query hit by any of "
-                                   "their images; false: one query per row"),
+    "folds": (1, (int,), "also the mean over this many folds of consecutive images (COCO 1K: 5)", positive),
+    "group-texts": (True, (bool,), "rows with one caption text: one text->image query hit by any of its images"),
     "output": ("checkpoints/eval.json", (str,), "where the metrics are written as JSON"),
     "overwrite": (False, (bool,), "replace an output holding the metrics of another checkpoint or valid-root"),
 })
