@@ -161,7 +161,8 @@ def grouped_text_ranks(image_features, text_features, caption_image, caption_que
     high as its best right one (a tie counts against the model, as in retrieval_ranks) -> (Nq,).
 
     caption_query (Nc,) numbers each caption row's query 0..Nq-1; the rows of one query hold the same text, so
-    its first row's features stand for it. The (Ni, Nq) similarities are made `max_matrix` at a time.
+    its first row's features stand for it. The (Ni, Nq) similarities are made a slice of queries at a time
+    (about `max_matrix` of them), and the right scores are read off those very products, so ties stay exact.
     """
     img, txt = image_features.float(), text_features.float()  # (Ni, D), (Nc, D)
     caption_image, caption_query = caption_image.to(img.device), caption_query.to(img.device)
@@ -169,16 +170,20 @@ def grouped_text_ranks(image_features, text_features, caption_image, caption_que
     first = torch.full((nq,), nc, dtype=torch.long, device=img.device)
     first.scatter_reduce_(0, caption_query, torch.arange(nc, device=img.device), "amin")  # (Nq,) a row of each
     queries = txt[first]  # (Nq, D)
+    pairs = torch.unique(caption_query * ni + caption_image)  # (P,) each right (query, image) once, by query
+    pair_query, pair_image = pairs // ni, pairs % ni
     width = max(1, max_matrix // max(ni, 1))
     ranks = torch.empty(nq, dtype=torch.long)
     for a in range(0, nq, width):
         b = min(a + width, nq)
+        lo, hi = torch.searchsorted(pair_query, torch.tensor([a, b], device=img.device)).tolist()
         sim = img @ queries[a:b].t()  # (Ni, b - a)
-        right = torch.zeros_like(sim, dtype=torch.bool)  # (Ni, b - a) the pairs some caption row names
-        rows = (caption_query >= a) & (caption_query < b)
-        right[caption_image[rows], caption_query[rows] - a] = True
-        best = sim.masked_fill(~right, float("-inf")).amax(0)  # (b - a,) best right score of each query
-        ranks[a:b] = ((sim >= best) & ~right).sum(0).cpu()
+        own = pair_query[lo:hi] - a  # (p,) the slice's right pairs: query column and image row
+        right = sim[pair_image[lo:hi], own]  # (p,)
+        best = sim.new_full((b - a,), float("-inf")).scatter_reduce_(0, own, right, "amax")  # (b - a,)
+        above = (sim >= best).sum(0)  # (b - a,) images reaching the best right score, right ones included
+        tied_right = torch.zeros_like(above).index_add_(0, own, (right >= best[own]).long())
+        ranks[a:b] = (above - tied_right).cpu()
     return ranks
 
 
