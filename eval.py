@@ -2,6 +2,10 @@
 
 With several captions per image both protocols are printed from one pass: all captions (COCO 5k / Flickr30k 1k
 style) and one caption per image (the reference run's protocol, the caption chosen as prepare_data does).
+`--folds 5` adds COCO 1K beside 5K from the same pass: the mean over 5 folds of consecutive images (in
+captions.csv order), each fold with its own captions. Rows whose caption text is identical are one text->image
+query that hits when any of its images is in the top K (MUGE's rule); `--group-texts false` makes every row its
+own query, as VSE++ and CLIP count COCO and Flickr30k.
 
     python eval.py                                  # reads configs/eval.yaml
     python eval.py --model-path checkpoints/last.pt --valid-root datasets/valid
@@ -37,6 +41,8 @@ SCHEMA = Schema({
     "amp-dtype": ("float16", (str,), "autocast dtype on CUDA: float16 or bfloat16", one_of("float16", "bfloat16")),
     "device": ("auto", (str,), "auto, cpu or cuda"),
     "text-model": (None, (str, type(None)), "tokenizer/config folder; null = the one named in the checkpoint"),
+    "folds": (1, (int,), "also the mean over this many folds of consecutive images (COCO 1K: 5)", positive),
+    "group-texts": (True, (bool,), "rows with one caption text: one text->image query hit by any of its images"),
     "output": ("checkpoints/eval.json", (str,), "where the metrics are written as JSON"),
     "overwrite": (False, (bool,), "replace an output holding the metrics of another checkpoint or valid-root"),
 })
@@ -55,8 +61,16 @@ def run(argv):
     enc = Encoding(run_cfg["image-size"], run_cfg["max-length"], cfg["batch-size"], cfg["num-workers"], device,
                    amp_context(device, cfg["use-amp"], cfg["amp-dtype"]),
                    ImageLimits(cfg["max-image-pixels"], cfg["max-aspect-ratio"]))
-    metrics = evaluate(model, tokenizer, cfg["valid-root"], enc, progress=True)
-    print(format_table(metrics))
+    metrics = evaluate(model, tokenizer, cfg["valid-root"], enc, progress=True, folds=cfg["folds"],
+                       group_texts=cfg["group-texts"])
+    if "folds" in metrics:  # the whole set and the fold mean, named so that neither is taken for the other
+        metrics["set"] = f"all {metrics['num_images']} images" + (" (5K)" if metrics["num_images"] == 5000 else "")
+        folds = metrics["folds"]
+        folds["set"] = f"mean over {folds['count']} folds of {folds['images_per_fold']} images" + \
+            (" (1K)" if folds["images_per_fold"] == 1000 else "")
+        print(format_table(metrics, metrics["set"]) + "\n\n" + format_table(folds["mean"], folds["set"]))
+    else:
+        print(format_table(metrics))
     if "one_caption_per_image" in metrics:  # the reference run's protocol, from the same features
         print("\n" + format_table(metrics["one_caption_per_image"]))
     write_json(cfg["output"], {**metrics, "checkpoint": cfg["model-path"], "valid_root": cfg["valid-root"],

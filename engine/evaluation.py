@@ -14,7 +14,7 @@ from dataset import (ImageDataset, PairDataset, choose_captions, collate_decoded
                      normalize, tokenize)
 from engine.errors import DataError
 from engine.images import DEFAULT_LIMITS, ImageLimits
-from engine.metrics import retrieval_metrics
+from engine.metrics import fold_metrics, renumber, retrieval_metrics, text_groups
 
 
 @dataclass
@@ -77,7 +77,7 @@ def one_caption_rows(split, seed=0):
     return sorted(choose_captions(name, r, 1, seed)[0] for name, r in rows.items())
 
 
-def evaluate(model, tokenizer, root, enc, progress=False, only=None, seed=0, pairs=None):
+def evaluate(model, tokenizer, root, enc, progress=False, only=None, seed=0, pairs=None, folds=1, group_texts=True):
     """Full retrieval metrics of `model` on the split at `root` (see engine.metrics.retrieval_metrics).
 
     `only` restricts the split to those image files (a held-out selection split). When images have several
@@ -85,10 +85,20 @@ def evaluate(model, tokenizer, root, enc, progress=False, only=None, seed=0, pai
     the same features (each image is encoded once for both). Every image must decode: a file that does not is an
     error naming it, since a skipped image would change the task the numbers describe. `pairs`: the split's rows
     as `read_captions(root)` returned them, when the caller has read them already.
+    `folds` > 1 adds "folds": the mean over that many folds of consecutive images (in captions.csv order, each
+    with its own captions; COCO 1K is 5 folds of the 5,000 test images), from the same features; it must divide
+    the image count. `group_texts`: rows with identical caption text are one text -> image query that hits when
+    any of its images is in the top K (engine.metrics.text_groups); False: every row is its own query.
     """
     split = PairDataset(root, transform=None, only=only, limits=enc.limits, pairs=pairs)
     if not split.pairs:
         raise DataError(f"no captioned image of {root} is left to evaluate")
+    if len(split.image_files) % folds:  # checked before any encoding: a shorter last fold is not the protocol
+        raise DataError(f"folds {folds} does not divide the {len(split.image_files)} images of {root}; every "
+                        f"fold must hold as many images (COCO 1K: folds 5 on the 5,000 test images); pass a fold "
+                        f"count that divides {len(split.image_files)}, or folds 1")
+    texts = [c for _, c in split.pairs]
+    unique = list(dict.fromkeys(texts))  # a text on several images is encoded once: its rows share features
     was_training = model.training
     model.eval()
     try:
@@ -96,12 +106,20 @@ def evaluate(model, tokenizer, root, enc, progress=False, only=None, seed=0, pai
         img, _, failed = encode_image_files(model, paths, enc, progress)
         if failed:
             raise DataError(failed[0][1])
-        txt = encode_texts(model, tokenizer, [c for _, c in split.pairs], enc, progress)
+        txt = encode_texts(model, tokenizer, unique, enc, progress)
     finally:
         model.train(was_training)
+    if len(unique) < len(texts):
+        position = {t: i for i, t in enumerate(unique)}
+        txt = txt[torch.tensor([position[t] for t in texts])]  # (Nc, D) back to one row per caption
+    query = text_groups(texts) if group_texts else None  # (Nc,) or None: each row its own query
     img, txt, ids = img.to(enc.device), txt.to(enc.device), torch.tensor(split.image_ids)  # (Ni, D), (Nc, D), (Nc,)
-    metrics = retrieval_metrics(img, txt, ids)
+    metrics = retrieval_metrics(img, txt, ids, query)
     if len(split.pairs) > len(split.image_files):
         keep = torch.tensor(one_caption_rows(split, seed))
-        metrics["one_caption_per_image"] = retrieval_metrics(img, txt[keep.to(txt.device)], ids[keep])
+        metrics["one_caption_per_image"] = retrieval_metrics(img, txt[keep.to(txt.device)], ids[keep],
+                                                             renumber(query[keep]) if query is not None else None)
+    if folds > 1:
+        order = torch.tensor(list(dict.fromkeys(split.image_ids)))  # (Ni,) images in captions.csv order
+        metrics["folds"] = fold_metrics(img, txt, ids, query, order, folds)
     return metrics

@@ -1,4 +1,5 @@
-"""Retrieval metrics from features: recall@K, median and mean rank, rsum; no Python loop over queries.
+"""Retrieval metrics from features: recall@K, median and mean rank, rsum, mean recall, and the mean over folds
+of consecutive images (COCO 1K); no Python loop over queries.
 
 The rank of a query is the number of wrong candidates that score at least as high as its best right one, so a
 tie is counted against the model: a constant similarity matrix gets recall ~0, not 1.
@@ -9,6 +10,10 @@ reach each image's threshold, how many images reach each caption's.
 A threshold is a right score, so the tiles holding right scores (each image block against its own captions)
 are made and counted first; every other tile is then made once and counted against known thresholds. The
 product is the only work that grows with D; the counting is two in-place comparisons per similarity.
+
+A text that several images share (MUGE gives one query text several right images) is one text -> image query
+that hits when any of its images is in the top K: grouped_text_ranks. Data where every text is unique never
+takes that path, so its numbers are those of retrieval_ranks to the last digit.
 """
 import math
 from itertools import accumulate
@@ -108,40 +113,144 @@ def median_rank(ranks):
 
 
 def summarize(ranks):
-    """0-based ranks -> recall@K as fractions, and 1-based median / mean rank."""
+    """0-based ranks -> recall@K as fractions, their mean ("mean recall", what the Chinese benchmarks rank by),
+    and 1-based median / mean rank."""
     ranks = ranks.double()
     out = {f"R@{k}": (ranks < k).double().mean().item() for k in KS}
+    out["mean_recall"] = sum(out[f"R@{k}"] for k in KS) / len(KS)
     out["median_rank"] = median_rank(ranks)
     out["mean_rank"] = (ranks + 1).mean().item()
     return out
 
 
-def protocol_name(num_images, num_captions):
+def protocol_name(num_images, num_captions, num_queries=None):
     """Name the protocol from the data: one caption per image (the reference run) or all captions per image
-    (COCO 5k, Flickr30k 1k), where image -> text counts a hit when any of the image's captions is in the top K."""
+    (COCO 5k, Flickr30k 1k), where image -> text counts a hit when any of the image's captions is in the top K;
+    and, when some texts are shared by several images, how many text -> image queries that leaves."""
     if num_captions == num_images:
-        return "one caption per image (reference protocol)"
-    per_image = f"{num_captions / max(num_images, 1):.2f} captions per image"
-    known = {5000: "COCO 5k", 1000: "Flickr30k 1k / COCO 1k"}.get(num_images)
-    return f"{known + ', ' if known else ''}all captions ({per_image}), image->text hit = any of its captions"
+        name = "one caption per image (reference protocol)"
+    else:
+        per_image = f"{num_captions / max(num_images, 1):.2f} captions per image"
+        known = {5000: "COCO 5k", 1000: "Flickr30k 1k / COCO 1k"}.get(num_images)
+        name = f"{known + ', ' if known else ''}all captions ({per_image}), image->text hit = any of its captions"
+    if num_queries is not None and num_queries < num_captions:
+        name += (f"; {num_queries} text queries, a text shared by several images hits when any of them is in "
+                 f"the top K")
+    return name
 
 
-def retrieval_metrics(image_features, text_features, caption_image):
+def text_groups(texts):
+    """(Nc,) the text -> image query of each caption row, rows with identical text sharing one (numbered by first
+    appearance); None when every text is unique, so such data keeps one query per row exactly as before."""
+    first = {}
+    query = [first.setdefault(t, len(first)) for t in texts]
+    return torch.tensor(query) if len(first) < len(query) else None
+
+
+def renumber(caption_query):
+    """A subset's caption_query numbered 0..Nq-1 again; None when its rows are all different queries."""
+    if caption_query is None:
+        return None
+    unique, query = torch.unique(caption_query, return_inverse=True)
+    return query if len(unique) < len(query) else None
+
+
+@torch.no_grad()
+def grouped_text_ranks(image_features, text_features, caption_image, caption_query, max_matrix=MAX_MATRIX):
+    """0-based rank of each text query that may have several right images: the wrong images scoring at least as
+    high as its best right one (a tie counts against the model, as in retrieval_ranks) -> (Nq,).
+
+    caption_query (Nc,) numbers each caption row's query 0..Nq-1; the rows of one query hold the same text, so
+    its first row's features stand for it. The (Ni, Nq) similarities are made a slice of queries at a time
+    (about `max_matrix` of them), and the right scores are read off those very products, so ties stay exact.
+    """
+    img, txt = image_features.float(), text_features.float()  # (Ni, D), (Nc, D)
+    caption_image, caption_query = caption_image.to(img.device), caption_query.to(img.device)
+    ni, nc, nq = img.shape[0], txt.shape[0], int(caption_query.max()) + 1
+    first = torch.full((nq,), nc, dtype=torch.long, device=img.device)
+    first.scatter_reduce_(0, caption_query, torch.arange(nc, device=img.device), "amin")  # (Nq,) a row of each
+    queries = txt[first]  # (Nq, D)
+    pairs = torch.unique(caption_query * ni + caption_image)  # (P,) each right (query, image) once, by query
+    pair_query, pair_image = pairs // ni, pairs % ni
+    width = max(1, max_matrix // max(ni, 1))
+    ranks = torch.empty(nq, dtype=torch.long)
+    for a in range(0, nq, width):
+        b = min(a + width, nq)
+        lo, hi = torch.searchsorted(pair_query, torch.tensor([a, b], device=img.device)).tolist()
+        sim = img @ queries[a:b].t()  # (Ni, b - a)
+        own = pair_query[lo:hi] - a  # (p,) the slice's right pairs: query column and image row
+        right = sim[pair_image[lo:hi], own]  # (p,)
+        best = sim.new_full((b - a,), float("-inf")).scatter_reduce_(0, own, right, "amax")  # (b - a,)
+        above = (sim >= best).sum(0)  # (b - a,) images reaching the best right score, right ones included
+        tied_right = torch.zeros_like(above).index_add_(0, own, (right >= best[own]).long())
+        ranks[a:b] = (above - tied_right).cpu()
+    return ranks
+
+
+def retrieval_metrics(image_features, text_features, caption_image, caption_query=None):
+    """Both directions' recall, ranks, rsum and mean recall. `caption_query` (Nc,), from text_groups: rows that
+    share a text are one text -> image query (grouped_text_ranks); None: every row is its own query."""
     i2t, t2i = retrieval_ranks(image_features, text_features, caption_image)
+    if caption_query is not None:
+        t2i = grouped_text_ranks(image_features, text_features, caption_image, caption_query)
     out = {"image_to_text": summarize(i2t), "text_to_image": summarize(t2i)}
     out["rsum"] = sum(out[d][f"R@{k}"] for d in ("image_to_text", "text_to_image") for k in KS)
+    out["mean_recall"] = out["rsum"] / (2 * len(KS))  # of all six recalls
     out["num_images"] = int(image_features.shape[0])
     out["num_captions"] = int(text_features.shape[0])
-    out["protocol"] = protocol_name(out["num_images"], out["num_captions"])
+    out["num_text_queries"] = len(t2i)
+    out["protocol"] = protocol_name(out["num_images"], out["num_captions"], out["num_text_queries"])
     return out
 
 
-def format_table(m):
-    lines = [f"protocol: {m['protocol']} ({m['num_images']} images, {m['num_captions']} captions)",
-             f"{'direction':<15}{'R@1':>9}{'R@5':>9}{'R@10':>9}{'medr':>8}{'meanr':>9}"]
+def fold_metrics(image_features, text_features, caption_image, caption_query, image_order, folds):
+    """COCO 1K: the metrics of `folds` folds of consecutive images (in the order `image_order` (Ni,) lists their
+    indices), each fold with its own images' captions, and the mean of every number over the folds.
+    The fold count must divide Ni: a shorter last fold would not be the protocol the papers report."""
+    ni = image_features.shape[0]
+    if folds < 1 or ni % folds:
+        raise ValueError(f"{folds} folds do not divide {ni} images")
+    size, each = ni // folds, []
+    for f in range(folds):
+        local = torch.full((ni,), -1, dtype=torch.long)  # (Ni,) an image's index inside this fold, or -1
+        local[image_order[f * size:(f + 1) * size]] = torch.arange(size)
+        owner = local[caption_image.cpu()]  # (Nc,)
+        rows = (owner >= 0).nonzero().squeeze(1).to(text_features.device)
+        fold_images = image_order[f * size:(f + 1) * size].to(image_features.device)
+        query = renumber(caption_query[rows.cpu()]) if caption_query is not None else None
+        each.append(retrieval_metrics(image_features[fold_images], text_features[rows], owner[owner >= 0], query))
+    mean = mean_of(each)
+    mean["protocol"] = (f"1K-style: mean over {folds} folds of {size} consecutive images, each fold with its own "
+                        f"captions; {each[0]['protocol']}")
+    return {"count": folds, "images_per_fold": size, "mean": mean, "each": each}
+
+
+def mean_of(results):
+    """The mean over `results` (dicts of the same shape) of every number in them; other values from the first."""
+    first = results[0]
+    out = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            out[key] = mean_of([r[key] for r in results])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = sum(r[key] for r in results) / len(results)
+        else:
+            out[key] = value
+    return out
+
+
+def format_table(m, title=None):
+    """The metrics as a text table; `title` names the set (e.g. 5K or the 1K fold mean) on the first line.
+    Mean recalls are computed from the recalls shown, so a metrics dict of an older checkpoint prints too."""
+    counts = f"{m['num_images']:g} images, {m['num_captions']:g} captions"
+    if m.get("num_text_queries", m["num_captions"]) != m["num_captions"]:
+        counts += f", {m['num_text_queries']:g} text queries"
+    lines = [f"{title + ' | ' if title else ''}protocol: {m['protocol']} ({counts})",
+             f"{'direction':<15}{'R@1':>9}{'R@5':>9}{'R@10':>9}{'mR':>9}{'medr':>8}{'meanr':>9}"]
     for key, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
         r = m[key]
-        lines.append(f"{label:<15}{r['R@1']:>9.5f}{r['R@5']:>9.5f}{r['R@10']:>9.5f}"
+        mean_recall = sum(r[f"R@{k}"] for k in KS) / len(KS)
+        lines.append(f"{label:<15}{r['R@1']:>9.5f}{r['R@5']:>9.5f}{r['R@10']:>9.5f}{mean_recall:>9.5f}"
                      f"{r['median_rank']:>8.1f}{r['mean_rank']:>9.2f}")
-    lines.append(f"rsum (sum of the six recalls): {m['rsum']:.5f}")
+    lines.append(f"rsum (sum of the six recalls): {m['rsum']:.5f}   mean recall (rsum / 6): {m['rsum'] / 6:.5f}")
     return "\n".join(lines)
