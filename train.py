@@ -85,6 +85,7 @@ SCHEMA = Schema({
 
 # A config mistake or --help is answered before torch and transformers load (seconds and ~850 MB): the script
 # checks the command line here, and the heavy imports below run only once it is sound.
+# ruff: noqa: E402
 if __name__ == "__main__":
     run_entry(load_config, SCHEMA, sys.argv[1:], "configs/train.yaml", "Train an image-text retrieval model.")
 

@@ -205,8 +205,8 @@ def parse_overrides(tokens):
             i += 1
         else:
             if i + 1 >= len(tokens):
-                raise ConfigError(f"command-line key {shorten(tok)} has no value; write '{shorten(tok, 60, quote=False)} "
-                                  "VALUE'")
+                raise ConfigError(f"command-line key {shorten(tok)} has no value; "
+                                  f"write '{shorten(tok, quote=False)} VALUE'")
             key, raw = tok[2:], tokens[i + 1]
             i += 2
         key = key.replace("_", "-")

@@ -25,7 +25,7 @@ from engine.files import require_file
 from inference import ann
 from inference.encoder import Encoder, read_lines
 from inference.index import ImageIndex, SearchError, build_index
-from inference.options import add_image_limits, image_limits, positive_int, worker_count
+from inference.options import add_image_limits, add_trusted_root, image_limits, positive_int, worker_count
 
 
 def parse_args(argv):
@@ -54,6 +54,7 @@ def parse_args(argv):
     what = q.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="text -> image search")
     what.add_argument("--image", help="image -> image search, or image -> text with --captions")
+    add_trusted_root(q)
     q.add_argument("--captions", help="rank these captions instead (.csv with a caption column, or .txt)")
     q.add_argument("-k", type=positive_int, default=10, help="results to show")
     q.add_argument("--nprobe", type=positive_int, help=f"ivf: lists scanned per query (more: slower and closer "
@@ -86,7 +87,7 @@ def run_query(a):
         raise SearchError("--captions ranks captions for an --image; for text -> image leave out --captions")
     index = None
     if a.index:
-        index = ImageIndex.load(a.index).tune(a.nprobe, a.ef_search)
+        index = ImageIndex.load(a.index, trusted_root=a.trusted_root).tune(a.nprobe, a.ef_search)
     elif not a.captions:
         raise SearchError("--index is required for image search (only image -> text with --captions needs none)")
     elif a.nprobe or a.ef_search:

@@ -31,11 +31,12 @@ from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 
 from engine.errors import DataError, UserError, run_entry
-from engine.images import ImageLimits, ImageTooLarge, check_size, decode_size
+from engine.images import (ImageLimits, ImageTooLarge, MetadataTooLarge, check_size, decode_size,
+                           metadata_over_limit)
 from inference import ann
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
 from inference.index import ImageIndex
-from inference.options import add_image_limits, megapixels, port, positive_float, positive_int
+from inference.options import add_image_limits, add_trusted_root, megapixels, port, positive_float, positive_int
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow decoders an upload may use
@@ -75,14 +76,18 @@ class Service:
             raise HTTPException(413, "image has too many pixels for this server") from None
         except UnidentifiedImageError:
             raise HTTPException(415, f"not an image this server reads ({', '.join(UPLOAD_FORMATS)})") from None
-        except (OSError, SyntaxError, ValueError):
-            raise HTTPException(400, "the image header cannot be read; the file is corrupt") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            problem = metadata_over_limit(e)
+            raise HTTPException(400, f"the image {problem}" if problem else
+                                "the image header cannot be read; the file is corrupt") from None
         try:  # the decoded size (from the header) against the limits, before any pixel is decoded
             check_size(width, height, self.encoder.enc.limits, "upload")
         except ImageTooLarge as e:
             raise HTTPException(413, str(e)) from None
         try:
             return self.encoder.open_image(io.BytesIO(data))
+        except MetadataTooLarge as e:
+            raise HTTPException(400, f"the image {e.problem}") from None
         except DataError:
             raise HTTPException(400, "the image cannot be decoded (truncated or corrupt file)") from None
 
@@ -189,13 +194,14 @@ def page():
 
 
 def create_app(model_path, index_dir, max_upload_mb=10.0, max_pixels=40_000_000, max_k=100, device="auto",
-               text_model=None, max_aspect_ratio=20.0, nprobe=None, ef_search=None):
+               text_model=None, max_aspect_ratio=20.0, nprobe=None, ef_search=None, trusted_root=None):
     """The FastAPI app: loads the model and the index once; requests share them through `app.state.service`.
 
     `model_path` None means the checkpoint recorded in the index; `nprobe` (ivf) and `ef_search` (hnsw) None
-    mean the index's own settings.
+    mean the index's own settings; `trusted_root` bounds what the index may point at (ImageIndex.load; the
+    command line always gives one, None is for code that built the index itself).
     """
-    index = ImageIndex.load(index_dir).tune(nprobe, ef_search)
+    index = ImageIndex.load(index_dir, trusted_root=trusted_root).tune(nprobe, ef_search)
     encoder = Encoder(model_path or index.model_path(), device, text_model,
                       limits=ImageLimits(max_pixels, max_aspect_ratio))
     index.check_encoder(encoder)
@@ -248,6 +254,7 @@ def parse_args(argv):
     p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=port, default=8000, help="TCP port, 1 to 65535")
+    add_trusted_root(p)
     p.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest accepted upload, in MB")
     add_image_limits(p)
     p.add_argument("--max-megapixels", dest="max_image_pixels", type=megapixels, default=argparse.SUPPRESS,
@@ -278,7 +285,8 @@ def listen_socket(host, port):
 
 def run(a):
     app = create_app(a.model_path, a.index, a.max_upload_mb, a.max_image_pixels, a.max_k, a.device,
-                     a.text_model, a.max_aspect_ratio, nprobe=a.nprobe, ef_search=a.ef_search)
+                     a.text_model, a.max_aspect_ratio, nprobe=a.nprobe, ef_search=a.ef_search,
+                     trusted_root=a.trusted_root)
     import uvicorn  # only needed to listen; tests drive the app directly
 
     sock = listen_socket(a.host, a.port)  # held from here on: no other server can take the port meanwhile

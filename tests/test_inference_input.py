@@ -18,6 +18,7 @@ from inference import classify, search, serve
 from inference import index as search_index
 from inference.encoder import Encoder, InferenceError, check_templates
 from tests.helpers import DEMO_EVAL_CONFIG, ROOT, one_line_exit
+from tests.trusted import TRUSTED
 from tools import demo
 
 
@@ -246,7 +247,8 @@ def test_a_port_in_use_is_one_line_before_serving(tiny, index_dir, monkeypatch):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        message = fails(lambda: serve.main(["--index", str(index_dir), "--device", "cpu", "--port", str(port)]))
+        message = fails(lambda: serve.main(["--index", str(index_dir), "--device", "cpu", "--port", str(port),
+                                            *TRUSTED]))
     assert f"port {port}" in message and "in use" in message and "--port" in message
 
 
