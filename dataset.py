@@ -27,10 +27,8 @@ def read_captions_csv(path, columns=("filename", "caption")):
 
     The one reader of captions.csv-style files in the project. A byte-order mark (as spreadsheet programs save
     it) is accepted; bytes that are not UTF-8, a header without the columns and a row with more fields than the
-    header are one-line DataErrors naming the line where the row starts. So is a quote left open: a quoted field
-    may span lines (a caption with a line break), but one that swallows lines that look like rows (they hold a
-    comma) or that never closes would silently merge rows. File names (`filename`) are normalised (`./a.jpg` and
-    `a.jpg` are the same image).
+    header are one-line DataErrors naming the line where the row starts, and so is a quote never closed or one
+    whose field swallows lines that look like rows. File names are normalised (`./a.jpg` is `a.jpg`).
     """
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: a dataset folder needs captions.csv and images/ (see datasets/README.md)")
@@ -60,30 +58,28 @@ def read_captions_csv(path, columns=("filename", "caption")):
             start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path} line {start} is not valid CSV ({e})") from None
-    if last_multiline is not None:  # only a strict reader tells a quote closed at the very end from one left open
-        tail = "".join(text.splitlines(keepends=True)[last_multiline - 1:])
-        try:
-            for _ in csv.reader(io.StringIO(tail, newline=""), strict=True):
-                pass
-        except csv.Error as e:
-            if "unexpected end of data" in str(e):
-                raise DataError(f"{path} line {last_multiline} opens a quote that is never closed; close it, "
-                                f"or remove the stray double quote") from None
+    if last_multiline is not None and _open_at_end(text, last_multiline):
+        raise DataError(f"{path} line {last_multiline} opens a quote that is never closed; close it, or remove the "
+                        f"stray double quote")
     if header is None:
         _check_header(path, [], columns)
     return rows
 
 
 def _check_open_quote(path, record, start, end):
-    """A field spanning lines `start`..`end` that swallowed lines looking like rows (a comma in them) is an error
-    naming the line where its quote opened: the rows it holds would otherwise vanish into one caption."""
-    for field in record:
-        swallowed = [line for line in field.splitlines()[1:] if "," in line]
-        if swallowed:
-            shown = ascii(swallowed[0][:60])[1:-1]  # escaped: the message stays one line
-            raise DataError(f"{path} line {start} opens a quote that runs to line {end} and swallows "
-                            f"{len(swallowed)} line(s) that look like rows (first: {shown}); close the quote on "
-                            f"line {start}")
+    """Refuse a field spanning lines `start`..`end` that swallowed lines holding a comma: rows, merged silently."""
+    swallowed = [line for field in record for line in field.splitlines()[1:] if "," in line]
+    if swallowed:  # the first one shown escaped: the message stays one line
+        raise DataError(f"{path} line {start} opens a quote that runs to line {end} and swallows {len(swallowed)} "
+                        f"line(s) that look like rows (first: {ascii(swallowed[0][:60])}); close the quote there")
+
+def _open_at_end(text, start):
+    """Whether a quote opened on line `start` is still open at the end (only a strict reader tells)."""
+    try:
+        list(csv.reader(io.StringIO("".join(text.splitlines(keepends=True)[start - 1:]), newline=""), strict=True))
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def _check_header(path, found, columns):

@@ -248,11 +248,18 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     for name in sorted(outside):
         print(f"skipped {name}: a link that resolves outside '{images_root}'; copy the file in instead",
               file=sys.stderr)
-    names = [n for n in names if n not in outside]
+    stats, unreadable = {}, 0
+    for name in sorted(set(names) - outside):
+        try:
+            stats[name] = os.stat(os.path.join(root, name))
+        except OSError as e:  # a dangling link, a link loop (ELOOP), a file removed meanwhile: skipped and counted
+            unreadable += 1
+            print(f"skipped {name}: {e.strerror or e}", file=sys.stderr)
+    names = [n for n in names if n in stats]
     if not names:
         raise SearchError(f"no .jpg/.jpeg/.png/.webp images under '{images_root}'"
-                          + (f" ({len(outside)} links lead outside it)" if outside else ""))
-    stats = {n: os.stat(os.path.join(root, n)) for n in names}
+                          + (f" ({len(outside)} links lead outside it)" if outside else "")
+                          + (f" ({unreadable} cannot be read: broken links?)" if unreadable else ""))
     identity = encoder.identity()
 
     if old is not None:
@@ -289,7 +296,7 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     write_index(out, meta, rows, structure)
     removed = 0 if old is None else len(set(old["files"]) - set(names))
     return {"images": len(files), "new": len(kept), "unchanged": len(keep), "removed": removed,
-            "failed": len(failed), "outside": len(outside), "index_type": kind, "ann": action}
+            "failed": len(failed) + unreadable, "outside": len(outside), "index_type": kind, "ann": action}
 
 
 def _ann_structure(out, old, kind, rows, appended_only, settings):

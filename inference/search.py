@@ -18,13 +18,9 @@ skipped and counted. Index types, for large collections:
 Leaving out --index-type keeps an existing index's type; a different one rebuilds only the ANN structure.
 """
 import argparse
+import sys
 
-from dataset import read_captions_csv
-from engine.errors import run_entry
-from engine.files import require_file
 from inference import ann
-from inference.encoder import Encoder, read_lines
-from inference.index import ImageIndex, SearchError, build_index
 from inference.options import add_image_limits, add_trusted_root, image_limits, positive_int, worker_count
 
 
@@ -69,6 +65,19 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+# --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
+# line is checked here, and the heavy imports below run only once it parses.
+# ruff: noqa: E402
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
+
+from dataset import read_captions_csv
+from engine.errors import run_entry
+from engine.files import require_file
+from inference.encoder import Encoder, read_lines
+from inference.index import ImageIndex, SearchError, build_index
+
+
 def run_index(a):
     encoder = Encoder(a.model_path, a.device, a.text_model, batch_size=a.batch_size, num_workers=a.num_workers,
                       limits=image_limits(a))
@@ -76,8 +85,8 @@ def run_index(a):
                           m=a.m, ef_construction=a.ef_construction)
     structure = f"; {summary['index_type']} structure {summary['ann']}" if summary["ann"] else ""
     print(f"{summary['index_type']} index {a.output}: {summary['images']} images ({summary['new']} encoded, "
-          f"{summary['unchanged']} unchanged, {summary['removed']} removed, {summary['failed']} failed to decode, "
-          f"{summary['outside']} outside the folder skipped)"
+          f"{summary['unchanged']} unchanged, {summary['removed']} removed, {summary['failed']} unreadable or "
+          f"failed to decode, {summary['outside']} outside the folder skipped)"
           f"{structure}")
     return summary
 

@@ -46,8 +46,12 @@ def image_path(tiny, i=0):
 
 # ---------------------------------------------------------------------- 1. eval --output
 def eval_args(tiny, output, *extra):
-    return ["--config", DEMO_EVAL_CONFIG, "--model-path", str(tiny["checkpoint"]), "--valid-root",
-            str(tiny["captions"].parent), "--num-workers", "0", "--device", "cpu", "--output", str(output), *extra]
+    """eval.py's arguments; each `--key value` pair of `extra` replaces a default (a key given twice is an error)."""
+    args = {"--config": DEMO_EVAL_CONFIG, "--model-path": str(tiny["checkpoint"]),
+            "--valid-root": str(tiny["captions"].parent), "--num-workers": "0", "--device": "cpu",
+            "--output": str(output)}
+    args.update(zip(extra[::2], extra[1::2]))
+    return [token for pair in args.items() for token in pair]
 
 
 @pytest.mark.parametrize("kind, fragment", [
