@@ -40,12 +40,12 @@ def read_captions_csv(path, columns=("filename", "caption")):
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path} line {line} is not UTF-8 text; save the file as UTF-8") from None
     reader = csv.reader(io.StringIO(text, newline=""))
-    rows, header, width, start, last_multiline = [], None, 0, 1, None
+    rows, header, width, start, last = [], None, 0, 1, None
     try:
         for record in reader:  # reader.line_num is the line where the record ends; `start` where it began
             if reader.line_num > start:  # a quoted field spans lines
                 _check_open_quote(path, record, start, reader.line_num)
-                last_multiline = start
+            last = start
             if record and header is None:
                 header, width = _check_header(path, record, columns), len(record)
             elif record:
@@ -58,8 +58,8 @@ def read_captions_csv(path, columns=("filename", "caption")):
             start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path} line {start} is not valid CSV ({e})") from None
-    if last_multiline is not None and _open_at_end(text, last_multiline):
-        raise DataError(f"{path} line {last_multiline} opens a quote that is never closed; close it, or remove the "
+    if last is not None and _open_at_end(text, last):  # only the last record can hold a quote left open
+        raise DataError(f"{path} line {last} opens a quote that is never closed; close it, or remove the "
                         f"stray double quote")
     if header is None:
         _check_header(path, [], columns)
@@ -74,7 +74,8 @@ def _check_open_quote(path, record, start, end):
                         f"line(s) that look like rows (first: {ascii(swallowed[0][:60])}); close the quote there")
 
 def _open_at_end(text, start):
-    """Whether a quote opened on line `start` is still open at the end (only a strict reader tells)."""
+    """Whether a quote opened on line `start` is still open at the end (only a strict reader tells that from one
+    closed on the last line)."""
     try:
         list(csv.reader(io.StringIO("".join(text.splitlines(keepends=True)[start - 1:]), newline=""), strict=True))
     except csv.Error as e:
