@@ -250,6 +250,29 @@ def load_config(schema, argv, default_config, description):
     return cfg
 
 
+# What loading a trained checkpoint reads from the config stored in it, with the types training wrote
+TRAINED_MODEL_KEYS = {"text-model": (str,), "image-model": (str,), "image-size": (int,), "max-length": (int,),
+                      "temperature": (float,), "learnable-temperature": (bool,)}
+
+
+def check_stored_config(config, source, needs=None):
+    """The config stored in a checkpoint (`source`, its path) as a dict, checked to hold every key of `needs`
+    ({key: types}, default TRAINED_MODEL_KEYS) with a value of those types: a hand-edited or foreign checkpoint is
+    a ConfigError naming the key, never a KeyError or AttributeError deep in model building."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"checkpoint '{source}' stores no config mapping; it was not written by train.py")
+    out = dict(config)
+    for key, types in (needs or TRAINED_MODEL_KEYS).items():
+        if key not in config:
+            raise ConfigError(f"checkpoint '{source}' lacks config key {key!r}; it was not written by train.py "
+                              f"or was edited")
+        try:
+            out[key] = _coerce(key, config[key], types)
+        except ConfigError as e:
+            raise ConfigError(f"checkpoint '{source}': {e}; it was not written by train.py or was edited") from None
+    return out
+
+
 def format_config(cfg):
     width = max(len(k) for k in cfg)
     return "\n".join(f"  {k:<{width}} : {v}" for k, v in cfg.items())
