@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -319,3 +321,15 @@ def test_reported_cosine_scores_stay_within_one(tmp_path):
     assert scores[0, 0].item() == 1.0 and ids[0, 0].item() == 0
     assert scores[1, 2].item() == -1.0 and ids[1, 2].item() == 1
     assert scores.abs().max().item() <= 1.0
+
+
+@pytest.mark.parametrize("module, argv", [("inference.search", ["query", "--bogus"]), ("inference.search", ["--help"]),
+                                          ("inference.serve", ["--index", "x", "--port", "0"]),
+                                          ("inference.classify", ["--help"])])
+def test_an_option_mistake_or_help_is_answered_before_torch_is_imported(module, argv):
+    """`python -X importtime` lists every module the entry imported before it exited."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "inference.options" in imported and not {"torch", "transformers", "fastapi"} & imported
+    assert proc.returncode == (0 if argv == ["--help"] else 2)
