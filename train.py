@@ -10,7 +10,6 @@ Reads top to bottom: config, data, model, loss, optimizer, resume, then the epoc
 """
 import contextlib
 import os
-import sys
 
 from engine.config import (ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive,
                            workers)
@@ -82,13 +81,8 @@ SCHEMA = Schema({
     "seed": (0, (int,), "random seed (each process adds its rank)", between(0, 2**32 - 1025)),
 })
 
-
-# A config mistake or --help is answered before torch and transformers load (seconds and ~850 MB): the script
-# checks the command line here, and the heavy imports below run only once it is sound.
-# ruff: noqa: E402
-if __name__ == "__main__":
-    run_entry(load_config, SCHEMA, sys.argv[1:], "configs/train.yaml", "Train an image-text retrieval model.")
-
+if __name__ == "__main__":  # a config mistake or --help is answered before torch loads (seconds, ~850 MB)
+    run_entry(load_config, SCHEMA, None, "configs/train.yaml", "Train an image-text retrieval model.")
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
