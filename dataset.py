@@ -27,8 +27,8 @@ def read_captions_csv(path, columns=("filename", "caption")):
 
     The one reader of captions.csv-style files in the project. A byte-order mark (as spreadsheet programs save
     it) is accepted; bytes that are not UTF-8, a header without the columns and a row with more fields than the
-    header are one-line DataErrors naming the line where the row starts. File names (`filename`) are normalised
-    (`./a.jpg` and `a.jpg` are the same image).
+    header are one-line DataErrors naming the line where the row starts, and so is a quote never closed or one
+    whose field swallows lines that look like rows. File names are normalised (`./a.jpg` is `a.jpg`).
     """
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: a dataset folder needs captions.csv and images/ (see datasets/README.md)")
@@ -40,9 +40,12 @@ def read_captions_csv(path, columns=("filename", "caption")):
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path} line {line} is not UTF-8 text; save the file as UTF-8") from None
     reader = csv.reader(io.StringIO(text, newline=""))
-    rows, header, width, start = [], None, 0, 1
+    rows, header, width, start, last = [], None, 0, 1, None
     try:
         for record in reader:  # reader.line_num is the line where the record ends; `start` where it began
+            if reader.line_num > start:  # a quoted field spans lines
+                _check_open_quote(path, record, start, reader.line_num)
+            last = start
             if record and header is None:
                 header, width = _check_header(path, record, columns), len(record)
             elif record:
@@ -55,9 +58,29 @@ def read_captions_csv(path, columns=("filename", "caption")):
             start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path} line {start} is not valid CSV ({e})") from None
+    if last is not None and _open_at_end(text, last):  # only the last record can hold a quote left open
+        raise DataError(f"{path} line {last} opens a quote that is never closed; close it, or remove the "
+                        f"stray double quote")
     if header is None:
         _check_header(path, [], columns)
     return rows
+
+
+def _check_open_quote(path, record, start, end):
+    """Refuse a field spanning lines `start`..`end` that swallowed lines holding a comma: rows, merged silently."""
+    swallowed = [line for field in record for line in field.splitlines()[1:] if "," in line]
+    if swallowed:  # the first one shown escaped: the message stays one line
+        raise DataError(f"{path} line {start} opens a quote that runs to line {end} and swallows {len(swallowed)} "
+                        f"line(s) that look like rows (first: {ascii(swallowed[0][:60])}); close the quote there")
+
+def _open_at_end(text, start):
+    """Whether a quote opened on line `start` is still open at the end (only a strict reader tells that from one
+    closed on the last line)."""
+    try:
+        list(csv.reader(io.StringIO("".join(text.splitlines(keepends=True)[start - 1:]), newline=""), strict=True))
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def _check_header(path, found, columns):

@@ -11,30 +11,9 @@ Reads top to bottom: config, data, model, loss, optimizer, resume, then the epoc
 import contextlib
 import os
 
-import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
-
-from dataset import (DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, normalise_name,
-                     read_captions)
-from engine.augment import color_jitter
-from engine import resume, rundir
-from engine.checkpoint import load_checkpoint, vocab_fingerprint
 from engine.config import (ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive,
                            workers)
-from engine.epoch import Trainer, train_one_epoch
 from engine.errors import run_entry
-from engine.evaluation import Encoding, evaluate
-from engine.files import write_json
-from engine.images import ImageLimits
-from engine.metrics import format_table
-from engine.optim import build_optimizer
-from engine.plots import plot_curves
-from engine.runtime import (amp_context, barrier, broadcast_flag, cleanup_distributed, gather_rng_states,
-                            init_distributed, seed_everything)
-from engine.shards import count_pairs, expand_pattern, shard_loader
-from loss import make_loss
-from model import build_model, load_tokenizer, text_length_limit
 
 SCHEMA = Schema({
     # run length and optimisation
@@ -101,6 +80,30 @@ SCHEMA = Schema({
     "device": ("auto", (str,), "auto, cpu or cuda"),
     "seed": (0, (int,), "random seed (each process adds its rank)", between(0, 2**32 - 1025)),
 })
+
+if __name__ == "__main__":  # a config mistake or --help is answered before torch loads (seconds, ~850 MB)
+    run_entry(load_config, SCHEMA, None, "configs/train.yaml", "Train an image-text retrieval model.")
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from dataset import (DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, normalise_name,
+                     read_captions)
+from engine.augment import color_jitter
+from engine import resume, rundir
+from engine.checkpoint import load_checkpoint, vocab_fingerprint
+from engine.epoch import Trainer, train_one_epoch
+from engine.evaluation import Encoding, evaluate
+from engine.files import write_json
+from engine.images import ImageLimits
+from engine.metrics import format_table
+from engine.optim import build_optimizer
+from engine.plots import plot_curves
+from engine.runtime import (amp_context, barrier, broadcast_flag, cleanup_distributed, gather_rng_states,
+                            init_distributed, seed_everything)
+from engine.shards import count_pairs, expand_pattern, shard_loader
+from loss import make_loss
+from model import build_model, load_tokenizer, text_length_limit
 
 
 def log(rank, message):

@@ -12,7 +12,11 @@ import os
 
 import yaml
 
-from engine.errors import UserError
+from engine.errors import UserError, shorten
+
+# A config is a few kilobytes of key: value; these bounds keep a hostile or mistaken file from taking the machine
+MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is refused unread
+MAX_CONFIG_DEPTH = 20  # nesting of lists/mappings inside a config file or a command-line value
 
 
 class ConfigError(UserError, ValueError):
@@ -68,7 +72,7 @@ def _coerce(key, value, types):
         if t is str and isinstance(value, str):
             return value
     expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-    shown = "null" if value is None else repr(value)
+    shown = "null" if value is None else shorten(value)
     raise ConfigError(f"config key {key!r} expects {expected}, got {shown}")
 
 
@@ -91,12 +95,12 @@ class Schema:
             if key not in self.entries:
                 close = self.close_keys(key)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+                raise ConfigError(f"unknown config key {shorten(key)} in {source}{hint}")
             entry = self.entries[key]
             out[key] = _coerce(key, value, entry[1])
             problem = entry[3](out[key]) if len(entry) > 3 and isinstance(out[key], (int, float, str)) else None
             if problem:
-                raise ConfigError(f"config key {key!r} {problem}, got {out[key]!r} in {source}")
+                raise ConfigError(f"config key {key!r} {problem}, got {shorten(out[key])} in {source}")
         return out
 
     def close_keys(self, key):
@@ -122,7 +126,26 @@ class Schema:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key written twice in one mapping is an error instead of last-one-wins."""
+    """YAML's safe loader, except that a key written twice in one mapping is an error instead of last-one-wins,
+    and that aliases (`*name`) and deep nesting are refused: a few hundred bytes of nested aliases expand to
+    gigabytes, and no config key needs either."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            line = self.peek_event().start_mark.line + 1
+            raise ConfigError(f"line {line} uses a YAML alias (*name), which can expand a small file into "
+                              "gigabytes; write the value out instead")
+        self.depth += 1
+        if self.depth > MAX_CONFIG_DEPTH:
+            line = self.peek_event().start_mark.line + 1
+            raise ConfigError(f"line {line} nests lists or mappings more than {MAX_CONFIG_DEPTH} deep; "
+                              "a config holds plain key: value pairs")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -134,7 +157,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 try:
                     if key in first:
-                        raise ConfigError(f"key {key!r} is set twice, on lines {first[key]} and {line}; keep one")
+                        raise ConfigError(f"key {shorten(key)} is set twice, on lines {first[key]} and {line}; "
+                                          "keep one")
                 except TypeError:  # an unhashable key: the safe loader reports it below
                     continue
                 first[key] = line
@@ -146,6 +170,9 @@ def load_yaml(path):
         raise ConfigError(f"config file {path!r} is a folder; pass a YAML file with --config")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist; pass an existing file with --config")
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config holds "
+                          "key: value pairs, pass the right file with --config")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
@@ -154,7 +181,8 @@ def load_yaml(path):
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path!r} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path!r} is not valid YAML: {shorten(str(e).splitlines()[0], 200)}"
+                          ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of key: value")
     return data
@@ -163,27 +191,33 @@ def load_yaml(path):
 def parse_overrides(tokens):
     """`['--batch-size', '64', '--use-amp', 'false']` -> {'batch-size': 64, 'use-amp': False}.
 
-    Values are read as YAML scalars so that numbers, booleans and null get their natural type.
+    Values are read as YAML scalars so that numbers, booleans and null get their natural type. A key given twice
+    is an error, as it is in a YAML file.
     """
     out = {}
     i = 0
     while i < len(tokens):
         tok = tokens[i]
         if not tok.startswith("--") or len(tok) == 2:
-            raise ConfigError(f"expected '--key value' on the command line, got {tok!r}")
+            raise ConfigError(f"expected '--key value' on the command line, got {shorten(tok)}")
         if "=" in tok:
             key, raw = tok[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(tokens):
-                raise ConfigError(f"command-line key {tok!r} has no value; write '{tok} VALUE'")
+                raise ConfigError(f"command-line key {shorten(tok)} has no value; "
+                                  f"write '{shorten(tok, quote=False)} VALUE'")
             key, raw = tok[2:], tokens[i + 1]
             i += 2
         key = key.replace("_", "-")
+        if key in out:
+            raise ConfigError(f"command-line key --{shorten(key, quote=False)} is given twice; keep one")
         try:
-            out[key] = yaml.safe_load(raw) if raw != "" else ""
+            out[key] = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
         except yaml.YAMLError:
             out[key] = raw
+        except ConfigError as e:
+            raise ConfigError(f"command-line key --{shorten(key, quote=False)}: {e}") from None
     return out
 
 
@@ -194,8 +228,11 @@ def load_config(schema, argv, default_config, description):
     that cannot be read still gets the help (with the built-in defaults) when help is asked for.
     """
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    first.add_argument("--config", default=default_config)
+    first.add_argument("--config", action="append")
     args, rest = first.parse_known_args(argv)
+    if args.config and len(args.config) > 1:
+        raise ConfigError("--config is given twice; keep one (a second file does not merge into the first)")
+    args.config = args.config[0] if args.config else default_config
     try:
         file_values, problem = schema.check(load_yaml(args.config), args.config), None
     except ConfigError as e:
@@ -211,6 +248,29 @@ def load_config(schema, argv, default_config, description):
     cfg.update(file_values)
     cfg.update(schema.check(parse_overrides(rest), "the command line"))
     return cfg
+
+
+# What loading a trained checkpoint reads from the config stored in it, with the types training wrote
+TRAINED_MODEL_KEYS = {"text-model": (str,), "image-model": (str,), "image-size": (int,), "max-length": (int,),
+                      "temperature": (float,), "learnable-temperature": (bool,)}
+
+
+def check_stored_config(config, source, needs=None):
+    """The config stored in a checkpoint (`source`, its path) as a dict, checked to hold every key of `needs`
+    ({key: types}, default TRAINED_MODEL_KEYS) with a value of those types: a hand-edited or foreign checkpoint is
+    a ConfigError naming the key, never a KeyError or AttributeError deep in model building."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"checkpoint '{source}' stores no config mapping; it was not written by train.py")
+    out = dict(config)
+    for key, types in (needs or TRAINED_MODEL_KEYS).items():
+        if key not in config:
+            raise ConfigError(f"checkpoint '{source}' lacks config key {key!r}; it was not written by train.py "
+                              f"or was edited")
+        try:
+            out[key] = _coerce(key, config[key], types)
+        except ConfigError as e:
+            raise ConfigError(f"checkpoint '{source}': {e}; it was not written by train.py or was edited") from None
+    return out
 
 
 def format_config(cfg):

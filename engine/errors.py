@@ -5,12 +5,11 @@ config key, no GPU for a GPU-only option) is raised as a `UserError` subclass wh
 `run_entry` prints it as `error: ...` on stderr and exits with status 1. Argument-syntax mistakes are argparse's
 business and exit with status 2. While an entry runs, a warning prints as one line `warning: ...`.
 """
+import reprlib
 import sys
 import warnings
 
 from PIL import Image
-
-from model import ModelError
 
 
 class UserError(Exception):
@@ -21,12 +20,34 @@ class DataError(UserError, ValueError):
     """A problem with data the user must fix: a missing file, a bad CSV, an image that cannot be decoded."""
 
 
-# model.py imports only torch, torchvision and transformers, so its error type cannot derive from UserError.
-USER_ERRORS = (UserError, ModelError)
+def user_errors():
+    """The exception types that mean a user mistake. model.py imports only torch, torchvision and transformers, so
+    its ModelError cannot derive from UserError; it is looked up only once model.py is loaded, which keeps this
+    file (and a config check before the heavy imports) free of torch."""
+    model = sys.modules.get("model")
+    return (UserError, model.ModelError) if model is not None else (UserError,)
+
+
+MAX_MESSAGE = 2000  # characters of an error message printed; what a message quotes is shortened before that
 
 
 def one_line(text):
-    return " ".join(str(text).split())
+    return " ".join(str(text)[:4 * MAX_MESSAGE].split())[:MAX_MESSAGE]
+
+
+# reprlib stops at a few items per level, so even a huge or deeply nested value costs little to quote
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 200, 200
+
+
+def shorten(value, limit=60, quote=True):
+    """`value` as a message quotes it, cut to `limit` characters: a string's repr (or the string, `quote=False`)
+    with its full length said, anything else as reprlib abbreviates it. A 100 KB value never floods a message."""
+    if isinstance(value, str):
+        text = repr(value[:limit + 10]) if quote else value[:limit + 10]
+        return text if len(value) <= limit else f"{text[:limit]}... ({len(value)} characters)"
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def original_message(error):
@@ -56,7 +77,9 @@ def run_entry(fn, *args, cleanup=None):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.formatwarning = _format_warning
             return fn(*args)
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
         sys.exit(f"error: {one_line(original_message(e))}")
     except KeyboardInterrupt:
         # every file is written whole or not at all (engine/files.atomic_write): what was saved before stays

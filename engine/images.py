@@ -10,9 +10,7 @@ import io
 import math
 from dataclasses import dataclass
 
-import torch
 from PIL import Image
-from torchvision.io import decode_jpeg
 
 from engine.errors import DataError
 
@@ -104,6 +102,9 @@ def load_crop_source(path, image_size, limits=DEFAULT_LIMITS):
     side = crop_decode_size(*full, image_size)
     img.draft("RGB", (side, side))
     if img.size == full and img.mode == "RGB":
+        import torch  # here, not at the top: the entries' option parsing imports this file before torch loads
+        from torchvision.io import decode_jpeg
+
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (3, H, W) uint8
     return to_rgb(img)
 
@@ -118,6 +119,23 @@ def to_rgb(img):
     if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: scale to 8 bits before RGB
         img = img.point(lambda v: v / 256).convert("L")
     return img.convert("RGB")
+
+
+class MetadataTooLarge(DataError):
+    """An image whose metadata is over Pillow's limits: its pixels may be fine, so "corrupt" would mislead."""
+
+    def __init__(self, name, problem):
+        super().__init__(f"image {name} {problem}")
+        self.problem = problem
+
+
+def metadata_over_limit(error):
+    """A message when `error` is Pillow refusing metadata over its limits (a PNG text chunk over
+    PngImagePlugin.MAX_TEXT_CHUNK): the pixels may be fine, so "corrupt" would mislead. Else None."""
+    text = str(error)
+    if isinstance(error, ValueError) and ("MAX_TEXT" in text or "text chunk" in text):
+        return "holds metadata (a PNG text chunk) over Pillow's size limit; save it again without its metadata"
+    return None
 
 
 def _name(path):
@@ -144,6 +162,9 @@ def open_image(path, strict, min_size=None, random_crop=False, limits=DEFAULT_LI
     except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
         # RuntimeError: torchvision's JPEG decoder on a corrupt or truncated file
         if strict:
+            problem = metadata_over_limit(e)
+            if problem:
+                raise MetadataTooLarge(_name(path), problem) from None
             raise DataError(f"cannot decode image {path}: {e}; replace or remove it") from None
         return None
 

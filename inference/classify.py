@@ -9,14 +9,9 @@ renormalised into one label embedding, and the probabilities are softmax(logit_s
 A templates file holds one template per line, with {} where the label goes.
 """
 import argparse
+import sys
 
-from engine.errors import run_entry
-from engine.files import require_file
-from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, read_lines,
-                               zero_shot_probs)
 from inference.options import add_image_limits, image_limits
-
-BAR_WIDTH = 30  # characters of the text bar chart at probability 1
 
 
 def parse_args(argv):
@@ -34,6 +29,21 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_image_limits(p)
     return p.parse_args(argv)
+
+
+# --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
+# line is checked here, and the heavy imports below run only once it parses.
+# ruff: noqa: E402
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
+
+from engine.errors import run_entry
+from engine.files import require_file
+from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, read_lines,
+                               zero_shot_probs)
+
+
+BAR_WIDTH = 30  # characters of the text bar chart at probability 1
 
 
 def run(a):

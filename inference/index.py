@@ -15,6 +15,12 @@ setting differs from the stored one or its file cannot be read. An index made wi
 refused; `rebuild=True` re-encodes everything. Format-1 indexes (before the types) are read as flat. New files
 get fresh names and index.json is replaced last, so an interrupted run leaves the previous index intact
 (inference/index_files.py); an output that is a file, another index or a folder of other things is refused.
+
+An index folder is data from wherever it came, never a key to the disk. Whoever reads one (search, serve, the web
+page) names a trusted root (`--trusted-root`, default the working folder): the index's image root must lie inside
+it or inside the index folder, every file is served only from inside that image root, and the checkpoint the index
+names is loaded (when no --model-path is given) only from inside the same folders. Anything else is refused at
+load with one line.
 """
 import os
 import sys
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 
 from dataset import inside
+from engine.errors import shorten
 from engine.files import require_folder
 from inference import ann
 from inference.encoder import list_images
@@ -35,8 +42,9 @@ BUILD_FLAGS = {"nlist": ("--nlist", "ivf"), "m": ("--m", "hnsw"), "ef_constructi
 class ImageIndex:
     """Image embeddings and their file names, searchable by inner product (= cosine: rows are normalised)."""
 
-    def __init__(self, folder, meta, embeddings, ann_index=None):
+    def __init__(self, folder, meta, embeddings, ann_index=None, trusted=None):
         self.folder = folder
+        self.trusted = trusted  # the folders the index may point into; None: the caller vouches for it
         self.meta = meta
         self.root = meta["root"]
         self.files = meta["files"]
@@ -55,6 +63,10 @@ class ImageIndex:
     def model_path(self):
         """The checkpoint the images were encoded with, for when no --model-path is given."""
         path = self.checkpoint["path"]
+        if self.trusted is not None and not within(path, self.trusted):
+            raise SearchError(f"index '{self.folder}' names the checkpoint {shorten(path, 120)}, outside "
+                              f"--trusted-root '{self.trusted[1]}' and the index folder; pass --model-path with a "
+                              f"checkpoint you chose")
         if not os.path.isfile(path):
             raise SearchError(f"index '{self.folder}' was built with {path}, which no longer exists; "
                               f"pass --model-path with that checkpoint's new path")
@@ -66,12 +78,20 @@ class ImageIndex:
         return inside(self.root, self.files[i])
 
     @classmethod
-    def load(cls, folder, with_ann=True):
+    def load(cls, folder, with_ann=True, trusted_root=None):
+        """The index at `folder`. With `trusted_root` (what the command line's --trusted-root gives), an index
+        whose image root lies outside both it and `folder` is refused, and so later is its checkpoint (module
+        docstring); None is for callers that built the index themselves."""
         require_folder(folder, "index", "pass --index a folder made by 'python -m inference.search index'")
         meta = read_meta(folder)
         if meta is None:
             raise SearchError(f"'{folder}' is not an index (no index.json); make one with "
                               f"'python -m inference.search index'")
+        trusted = None if trusted_root is None else (folder, trusted_root)
+        if trusted is not None and not within(meta["root"], trusted):
+            raise SearchError(f"index '{folder}' names its images under {shorten(meta['root'], 120)}, outside "
+                              f"--trusted-root '{trusted_root}' and the index folder; if you trust this index, pass "
+                              f"--trusted-root a folder that holds its images")
         path = inside(folder, meta["embeddings"])
         if path is None or not os.path.isfile(path):
             raise SearchError(f"index '{folder}' lacks {meta['embeddings']}; rebuild the index with --rebuild")
@@ -80,12 +100,9 @@ class ImageIndex:
         except (ValueError, OSError, EOFError) as e:
             raise SearchError(f"{path} is not a readable embeddings file ({str(e).splitlines()[0][:80]}); "
                               f"rebuild the index with --rebuild") from None
-        if embeddings.ndim != 2 or embeddings.dtype.kind != "f" or \
-                embeddings.shape != (len(meta["files"]), meta["dim"]):
-            raise SearchError(f"index '{folder}' is inconsistent ({embeddings.shape[0]} embeddings for "
-                              f"{len(meta['files'])} files); rebuild the index with --rebuild")
+        check_embeddings(folder, embeddings, meta)
         ann_index = load_ann(folder, meta) if with_ann and meta["index_type"] != "flat" else None
-        return cls(folder, meta, embeddings, ann_index)
+        return cls(folder, meta, embeddings, ann_index, trusted)
 
     def tune(self, nprobe=None, ef_search=None):
         """Query-time settings of the approximate types (None: the index's own, see `settings`)."""
@@ -128,6 +145,35 @@ class ImageIndex:
             raise SearchError(f"index '{self.folder}' was built with {self.checkpoint['path']} "
                               f"(sha256 {self.checkpoint['sha256'][:12]}), not with {encoder.model_path}; "
                               f"use that checkpoint or re-index with --rebuild")
+
+
+def within(path, folders):
+    """Whether `path`, links resolved, is one of `folders` (links resolved) or lies inside one."""
+    real = os.path.realpath(path)
+    bases = [os.path.realpath(f) for f in folders]
+    return any(real == b or real.startswith(b.rstrip(os.sep) + os.sep) for b in bases)
+
+
+def check_embeddings(folder, embeddings, meta):
+    """Refuse embeddings that do not fit index.json, saying what is wrong: shape, type, or values that are not
+    finite (which would give NaN scores). The scan reads BLOCK_ROWS rows at a time, never the whole file."""
+    problem = None
+    if embeddings.ndim != 2:
+        problem = f"its embeddings have {embeddings.ndim} dimensions, not 2"
+    elif embeddings.dtype.kind != "f":
+        problem = f"its embeddings are {embeddings.dtype}, not floating point"
+    elif embeddings.shape[0] != len(meta["files"]):
+        problem = f"{embeddings.shape[0]} embeddings for {len(meta['files'])} files"
+    elif embeddings.shape[1] != meta["dim"]:
+        problem = f"its embeddings have {embeddings.shape[1]} values each, index.json says dim {meta['dim']}"
+    else:
+        for start in range(0, len(embeddings), BLOCK_ROWS):
+            bad = ~np.isfinite(embeddings[start:start + BLOCK_ROWS]).all(axis=1)
+            if bad.any():
+                problem = f"embedding {start + int(bad.argmax())} holds NaN or infinite values"
+                break
+    if problem:
+        raise SearchError(f"index '{folder}' is inconsistent ({problem}); rebuild the index with --rebuild")
 
 
 def exact_search(embeddings, queries, k, block_rows=BLOCK_ROWS):
@@ -202,11 +248,18 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     for name in sorted(outside):
         print(f"skipped {name}: a link that resolves outside '{images_root}'; copy the file in instead",
               file=sys.stderr)
-    names = [n for n in names if n not in outside]
+    stats, unreadable = {}, 0
+    for name in sorted(set(names) - outside):
+        try:
+            stats[name] = os.stat(os.path.join(root, name))
+        except OSError as e:  # a dangling link, a link loop (ELOOP), a file removed meanwhile: skipped and counted
+            unreadable += 1
+            print(f"skipped {name}: {e.strerror or e}", file=sys.stderr)
+    names = [n for n in names if n in stats]
     if not names:
         raise SearchError(f"no .jpg/.jpeg/.png/.webp images under '{images_root}'"
-                          + (f" ({len(outside)} links lead outside it)" if outside else ""))
-    stats = {n: os.stat(os.path.join(root, n)) for n in names}
+                          + (f" ({len(outside)} links lead outside it)" if outside else "")
+                          + (f" ({unreadable} cannot be read: broken links?)" if unreadable else ""))
     identity = encoder.identity()
 
     if old is not None:
@@ -243,7 +296,7 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
     write_index(out, meta, rows, structure)
     removed = 0 if old is None else len(set(old["files"]) - set(names))
     return {"images": len(files), "new": len(kept), "unchanged": len(keep), "removed": removed,
-            "failed": len(failed), "outside": len(outside), "index_type": kind, "ann": action}
+            "failed": len(failed) + unreadable, "outside": len(outside), "index_type": kind, "ann": action}
 
 
 def _ann_structure(out, old, kind, rows, appended_only, settings):

@@ -11,7 +11,7 @@ import uuid
 
 import numpy as np
 
-from engine.errors import UserError
+from engine.errors import UserError, shorten
 from engine.files import PARTIAL, atomic_write
 from inference import ann
 
@@ -57,23 +57,39 @@ def read_meta(folder, advice=REBUILD):
     missing = sorted(REQUIRED_KEYS - meta.keys())
     if missing:
         raise SearchError(f"{path} lacks {', '.join(missing)}; {advice}")
-    files = meta["files"]
-    n = len(files) if isinstance(files, list) else -1
-    well_typed = (isinstance(meta["root"], str) and isinstance(meta["embeddings"], str)
-                  and isinstance(meta["dim"], int) and n >= 0 and all(isinstance(f, str) for f in files)
-                  and all(isinstance(meta[k], list) and len(meta[k]) == n and all(isinstance(v, int) for v in meta[k])
-                          for k in ("sizes", "mtimes"))
-                  and isinstance(meta["checkpoint"], dict)
-                  and all(isinstance(meta["checkpoint"].get(k), str) for k in ("path", "sha256"))
-                  and meta["index_type"] in ann.KINDS
-                  and (meta["ann"] is None if meta["index_type"] == "flat" else isinstance(meta["ann"], str)))
-    if not well_typed:
-        raise SearchError(f"{path} has fields of the wrong type; {advice}")
+    wrong = next((f"{field} ({what})" for field, what, ok in field_checks(meta) if not ok()), None)
+    if wrong:
+        raise SearchError(f"{path} has a field of the wrong type: {wrong}; {advice}")
     # Lexical containment for every name (cheap); links are resolved when a file is served (ImageIndex.path).
-    outside = [f for f in files if not f or f.startswith("/") or "\\" in f or ".." in f.split("/")]
-    if outside:
-        raise SearchError(f"{path} names a file outside its root ('{outside[0][:80]}'); {advice}")
+    for f in meta["files"]:
+        if "\0" in f:  # no file system allows it: the name was made, not written by the indexer
+            raise SearchError(f"{path} names a file with a NUL byte in it ({shorten(f)}); {advice}")
+        if not f or f.startswith("/") or "\\" in f or ".." in f.split("/"):
+            raise SearchError(f"{path} names a file outside its root ({shorten(f)}); {advice}")
     return meta
+
+
+def _whole(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def field_checks(meta):
+    """(field, what it must be, check) for each field of index.json, in the order a reader needs them."""
+    files, ck = meta["files"], meta["checkpoint"]
+    n = len(files) if isinstance(files, list) else -1
+    return [
+        ("root", "a folder path", lambda: isinstance(meta["root"], str) and "\0" not in meta["root"]),
+        ("embeddings", "a file name", lambda: isinstance(meta["embeddings"], str)),
+        ("dim", "a whole number >= 1", lambda: _whole(meta["dim"]) and meta["dim"] >= 1),
+        ("files", "a list of names", lambda: n >= 0 and all(isinstance(f, str) for f in files)),
+        *[(k, f"a list of {n} whole numbers", lambda k=k: isinstance(meta[k], list) and len(meta[k]) == n
+           and all(_whole(v) for v in meta[k])) for k in ("sizes", "mtimes")],
+        ("checkpoint", "path and sha256 strings", lambda: isinstance(ck, dict) and all(
+            isinstance(ck.get(k), str) and "\0" not in ck[k] for k in ("path", "sha256"))),
+        ("index_type", f"one of {', '.join(ann.KINDS)}", lambda: meta["index_type"] in ann.KINDS),
+        ("ann", "null for flat, else a file name", lambda: meta["ann"] is None if meta["index_type"] == "flat"
+         else isinstance(meta["ann"], str)),
+    ]
 
 
 def write_index(out, meta, embeddings, structure=None):

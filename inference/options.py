@@ -59,5 +59,12 @@ def add_image_limits(parser):
                         help="largest long side / short side accepted for an image")
 
 
+def add_trusted_root(parser):
+    """--trusted-root: the folder an index read from disk may point into (inference/index.py, ImageIndex.load)."""
+    parser.add_argument("--trusted-root", default=".",
+                        help="folder an index may name its images and checkpoint under (besides the index folder "
+                             "itself); an index pointing elsewhere is refused")
+
+
 def image_limits(args):
     return ImageLimits(args.max_image_pixels, args.max_aspect_ratio)

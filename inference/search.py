@@ -18,14 +18,10 @@ skipped and counted. Index types, for large collections:
 Leaving out --index-type keeps an existing index's type; a different one rebuilds only the ANN structure.
 """
 import argparse
+import sys
 
-from dataset import read_captions_csv
-from engine.errors import run_entry
-from engine.files import require_file
 from inference import ann
-from inference.encoder import Encoder, read_lines
-from inference.index import ImageIndex, SearchError, build_index
-from inference.options import add_image_limits, image_limits, positive_int, worker_count
+from inference.options import add_image_limits, add_trusted_root, image_limits, positive_int, worker_count
 
 
 def parse_args(argv):
@@ -54,6 +50,7 @@ def parse_args(argv):
     what = q.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="text -> image search")
     what.add_argument("--image", help="image -> image search, or image -> text with --captions")
+    add_trusted_root(q)
     q.add_argument("--captions", help="rank these captions instead (.csv with a caption column, or .txt)")
     q.add_argument("-k", type=positive_int, default=10, help="results to show")
     q.add_argument("--nprobe", type=positive_int, help=f"ivf: lists scanned per query (more: slower and closer "
@@ -68,6 +65,19 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+# --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
+# line is checked here, and the heavy imports below run only once it parses.
+# ruff: noqa: E402
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
+
+from dataset import read_captions_csv
+from engine.errors import run_entry
+from engine.files import require_file
+from inference.encoder import Encoder, read_lines
+from inference.index import ImageIndex, SearchError, build_index
+
+
 def run_index(a):
     encoder = Encoder(a.model_path, a.device, a.text_model, batch_size=a.batch_size, num_workers=a.num_workers,
                       limits=image_limits(a))
@@ -75,8 +85,8 @@ def run_index(a):
                           m=a.m, ef_construction=a.ef_construction)
     structure = f"; {summary['index_type']} structure {summary['ann']}" if summary["ann"] else ""
     print(f"{summary['index_type']} index {a.output}: {summary['images']} images ({summary['new']} encoded, "
-          f"{summary['unchanged']} unchanged, {summary['removed']} removed, {summary['failed']} failed to decode, "
-          f"{summary['outside']} outside the folder skipped)"
+          f"{summary['unchanged']} unchanged, {summary['removed']} removed, {summary['failed']} unreadable or "
+          f"failed to decode, {summary['outside']} outside the folder skipped)"
           f"{structure}")
     return summary
 
@@ -86,7 +96,7 @@ def run_query(a):
         raise SearchError("--captions ranks captions for an --image; for text -> image leave out --captions")
     index = None
     if a.index:
-        index = ImageIndex.load(a.index).tune(a.nprobe, a.ef_search)
+        index = ImageIndex.load(a.index, trusted_root=a.trusted_root).tune(a.nprobe, a.ef_search)
     elif not a.captions:
         raise SearchError("--index is required for image search (only image -> text with --captions needs none)")
     elif a.nprobe or a.ef_search:

@@ -20,22 +20,54 @@ import errno
 import io
 import os
 import socket
+import sys
 import threading
 from functools import lru_cache
+
+from inference import ann
+from inference.options import add_image_limits, add_trusted_root, megapixels, port, positive_float, positive_int
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Serve text/image search and zero-shot classification over an index.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--index", required=True, help="index folder made by 'python -m inference.search index'")
+    p.add_argument("--model-path", help="checkpoint; default: the one the index was built with")
+    p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=port, default=8000, help="TCP port, 1 to 65535")
+    add_trusted_root(p)
+    p.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest accepted upload, in MB")
+    add_image_limits(p)
+    p.add_argument("--max-megapixels", dest="max_image_pixels", type=megapixels, default=argparse.SUPPRESS,
+                   help="--max-image-pixels in millions (its former name)")
+    p.add_argument("--max-k", type=positive_int, default=100, help="most results one request may ask for")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--nprobe", type=int, help=f"ivf: lists scanned per query (more: slower and closer to exact). "
+                                              f"Left out: {ann.DEFAULT_NPROBE}, capped at nlist")
+    p.add_argument("--ef-search", type=int, help=f"hnsw: candidates kept per query (more: slower and closer to "
+                                                 f"exact). Left out: {ann.DEFAULT_EF_SEARCH}")
+    return p.parse_args(argv)
+
+
+# --help or a mistyped option is answered before torch, transformers and FastAPI load (seconds, hundreds of MB):
+# the command line is checked here, and the heavy imports below run only once it parses.
+# ruff: noqa: E402
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
-from starlette.datastructures import Headers
 
 from engine.errors import DataError, UserError, run_entry
-from engine.images import ImageLimits, ImageTooLarge, check_size, decode_size
-from inference import ann
+from engine.images import (ImageLimits, ImageTooLarge, MetadataTooLarge, check_size, decode_size,
+                           metadata_over_limit)
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
 from inference.index import ImageIndex
-from inference.options import add_image_limits, megapixels, port, positive_float, positive_int
+from inference.limits import MAX_HEAD_BYTES, MAX_URL_CHARS, BodyLimit, UrlLimit
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow decoders an upload may use
@@ -75,14 +107,18 @@ class Service:
             raise HTTPException(413, "image has too many pixels for this server") from None
         except UnidentifiedImageError:
             raise HTTPException(415, f"not an image this server reads ({', '.join(UPLOAD_FORMATS)})") from None
-        except (OSError, SyntaxError, ValueError):
-            raise HTTPException(400, "the image header cannot be read; the file is corrupt") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            problem = metadata_over_limit(e)
+            raise HTTPException(400, f"the image {problem}" if problem else
+                                "the image header cannot be read; the file is corrupt") from None
         try:  # the decoded size (from the header) against the limits, before any pixel is decoded
             check_size(width, height, self.encoder.enc.limits, "upload")
         except ImageTooLarge as e:
             raise HTTPException(413, str(e)) from None
         try:
             return self.encoder.open_image(io.BytesIO(data))
+        except MetadataTooLarge as e:
+            raise HTTPException(400, f"the image {e.problem}") from None
         except DataError:
             raise HTTPException(400, "the image cannot be decoded (truncated or corrupt file)") from None
 
@@ -189,13 +225,14 @@ def page():
 
 
 def create_app(model_path, index_dir, max_upload_mb=10.0, max_pixels=40_000_000, max_k=100, device="auto",
-               text_model=None, max_aspect_ratio=20.0, nprobe=None, ef_search=None):
+               text_model=None, max_aspect_ratio=20.0, nprobe=None, ef_search=None, trusted_root=None):
     """The FastAPI app: loads the model and the index once; requests share them through `app.state.service`.
 
     `model_path` None means the checkpoint recorded in the index; `nprobe` (ivf) and `ef_search` (hnsw) None
-    mean the index's own settings.
+    mean the index's own settings; `trusted_root` bounds what the index may point at (ImageIndex.load; the
+    command line always gives one, None is for code that built the index itself).
     """
-    index = ImageIndex.load(index_dir).tune(nprobe, ef_search)
+    index = ImageIndex.load(index_dir, trusted_root=trusted_root).tune(nprobe, ef_search)
     encoder = Encoder(model_path or index.model_path(), device, text_model,
                       limits=ImageLimits(max_pixels, max_aspect_ratio))
     index.check_encoder(encoder)
@@ -204,61 +241,10 @@ def create_app(model_path, index_dir, max_upload_mb=10.0, max_pixels=40_000_000,
     app.state.service = Service(encoder, index, max_upload_mb, max_k)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(BodyLimit, max_bytes=app.state.service.max_upload + FORM_OVERHEAD, limit_mb=max_upload_mb)
+    app.add_middleware(UrlLimit, max_chars=MAX_URL_CHARS)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
-
-
-class BodyLimit:
-    """Refuse request bodies over `max_bytes` with a JSON 413, before they are spooled to memory or disk.
-
-    A declared Content-Length is checked up front; a chunked body is counted as it arrives, and the
-    HTTPException raised from `receive` reaches FastAPI's exception handler, which answers in JSON.
-    """
-
-    def __init__(self, app, max_bytes, limit_mb):
-        self.app, self.max_bytes = app, max_bytes
-        self.message = f"request body is over the {limit_mb:g} MB upload limit"
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, self.message)
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Serve text/image search and zero-shot classification over an index.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--index", required=True, help="index folder made by 'python -m inference.search index'")
-    p.add_argument("--model-path", help="checkpoint; default: the one the index was built with")
-    p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=port, default=8000, help="TCP port, 1 to 65535")
-    p.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest accepted upload, in MB")
-    add_image_limits(p)
-    p.add_argument("--max-megapixels", dest="max_image_pixels", type=megapixels, default=argparse.SUPPRESS,
-                   help="--max-image-pixels in millions (its former name)")
-    p.add_argument("--max-k", type=positive_int, default=100, help="most results one request may ask for")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--nprobe", type=int, help=f"ivf: lists scanned per query (more: slower and closer to exact). "
-                                              f"Left out: {ann.DEFAULT_NPROBE}, capped at nlist")
-    p.add_argument("--ef-search", type=int, help=f"hnsw: candidates kept per query (more: slower and closer to "
-                                                 f"exact). Left out: {ann.DEFAULT_EF_SEARCH}")
-    return p.parse_args(argv)
 
 
 def listen_socket(host, port):
@@ -276,9 +262,19 @@ def listen_socket(host, port):
     return sock
 
 
+def server_config(app, host, port, log_level="info"):
+    """uvicorn's settings for `app`: a request head up to MAX_HEAD_BYTES reaches the app, so a long URL is
+    answered 414 by UrlLimit instead of h11 dropping the connection at its 16 KB default."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          h11_max_incomplete_event_size=MAX_HEAD_BYTES)
+
+
 def run(a):
     app = create_app(a.model_path, a.index, a.max_upload_mb, a.max_image_pixels, a.max_k, a.device,
-                     a.text_model, a.max_aspect_ratio, nprobe=a.nprobe, ef_search=a.ef_search)
+                     a.text_model, a.max_aspect_ratio, nprobe=a.nprobe, ef_search=a.ef_search,
+                     trusted_root=a.trusted_root)
     import uvicorn  # only needed to listen; tests drive the app directly
 
     sock = listen_socket(a.host, a.port)  # held from here on: no other server can take the port meanwhile
@@ -287,7 +283,7 @@ def run(a):
     index = app.state.service.index
     print(f"serving {len(index)} images ({index.kind} index) on http://{a.host}:{a.port}/ (API docs at /docs)")
     try:
-        uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).run(sockets=[sock])
+        uvicorn.Server(server_config(app, a.host, a.port)).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C is how a server stops: it has shut down cleanly (as uvicorn.run treats it)
         pass
     return app

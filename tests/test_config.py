@@ -6,7 +6,7 @@ import yaml
 
 import eval as eval_script
 import train
-from engine.config import ConfigError, load_config, parse_overrides
+from engine.config import TRAINED_MODEL_KEYS, ConfigError, check_stored_config, load_config, parse_overrides
 from tests.helpers import ROOT
 
 
@@ -66,3 +66,22 @@ def test_reference_run_values_are_kept():
     cfg = load_config(train.SCHEMA, ["--config", os.path.join(ROOT, "configs", "train.yaml")], "", "")
     assert (cfg["epochs"], cfg["learning-rate"], cfg["batch-size"], cfg["use-amp"], cfg["use-augment"],
             cfg["temperature"]) == (200, 5e-6, 192, True, True, 0.07)
+
+
+@pytest.mark.parametrize("stored, message", [
+    (None, "stores no config mapping"),
+    ([1, 2], "stores no config mapping"),
+    ({"image-model": "resnet18"}, "lacks config key 'text-model'"),
+    ({**train.SCHEMA.defaults(), "max-length": "64"}, "config key 'max-length' expects int, got '64'"),
+    ({**train.SCHEMA.defaults(), "text-model": ["x"]}, "config key 'text-model' expects str, got ['x']"),
+])
+def test_a_checkpoints_stored_config_is_checked_key_by_key(stored, message):
+    with pytest.raises(ConfigError, match="checkpoint 'ck.pt'") as e:
+        check_stored_config(stored, "ck.pt")
+    assert message in str(e.value)
+
+
+def test_a_config_train_wrote_passes_the_stored_config_check():
+    cfg = train.SCHEMA.defaults()
+    assert check_stored_config(cfg, "ck.pt") == cfg
+    assert set(TRAINED_MODEL_KEYS) <= set(train.SCHEMA.entries)  # every key checked is one training writes

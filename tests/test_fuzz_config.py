@@ -5,13 +5,15 @@ every run. Every outcome must be one a user can act on: accepted (and then check
 one-line error, a counted skip, or an HTTP 4xx with a JSON `detail`; never a traceback and never a 5xx.
 """
 import random
+import subprocess
+import sys
 
 import pytest
 
 import train
 from engine.config import ConfigError, load_config
 from tests.fuzzing import SEED, check_all, outcome
-from tests.helpers import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG, ROOT
 
 
 # ---------------------------------------------------------------------- (b) config overrides
@@ -124,3 +126,71 @@ def test_a_negative_seed_is_a_one_line_error(tmp_path):
         train.main(["--config", DEMO_CONFIG, "--seed", "-1", "--device", "cpu", "--demo-data", "false",
                     "--last-path", str(tmp_path / "last.pt"), "--best-path", str(tmp_path / "best.pt")])
     assert str(e.value.code).startswith("error:") and "seed" in str(e.value.code)
+
+
+# ---------------------------------------------------------------------- (c) resources and repeated keys
+def alias_bomb(levels):
+    """A few hundred bytes of nested YAML aliases that expand to 9**levels strings when constructed."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("levels", [2, 9])
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path, levels):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(levels))
+    assert path.stat().st_size < 500
+    with pytest.raises(ConfigError, match=r"bomb.yaml': line 2 uses a YAML alias") as e:
+        load_config(train.SCHEMA, ["--config", str(path)], DEMO_CONFIG, "")
+    assert len(str(e.value)) < 300
+
+
+def test_a_yaml_alias_on_the_command_line_is_refused():
+    value = "[&a [1,1,1,1,1,1,1,1], [*a,*a,*a,*a,*a,*a,*a,*a]]"
+    with pytest.raises(ConfigError, match=r"command-line key --seed: line 1 uses a YAML alias"):
+        load_config(train.SCHEMA, ["--seed", value], DEMO_CONFIG, "")
+
+
+def test_deep_nesting_and_huge_files_are_refused(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="nests lists or mappings more than 20 deep"):
+        load_config(train.SCHEMA, ["--config", str(deep)], DEMO_CONFIG, "")
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+        load_config(train.SCHEMA, ["--config", str(big)], DEMO_CONFIG, "")
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "x" * 100_000], ["--" + "k" * 100_000, "1"],
+                                  ["--epochs", "[" + "1," * 50_000 + "1]"], ["x" * 100_000]])
+def test_an_error_quotes_a_long_value_shortened(argv):
+    with pytest.raises(ConfigError) as e:
+        load_config(train.SCHEMA, argv, DEMO_CONFIG, "")
+    assert len(str(e.value)) < 300 and "..." in str(e.value), str(e.value)[:400]
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "1", "--epochs", "2"], ["--epochs=1", "--epochs", "2"],
+                                  ["--batch_size", "2", "--batch-size", "3"]])
+def test_a_key_given_twice_on_the_command_line_is_an_error_as_in_yaml(argv):
+    with pytest.raises(ConfigError, match=r"command-line key --(epochs|batch-size) is given twice; keep one"):
+        load_config(train.SCHEMA, argv, DEMO_CONFIG, "")
+
+
+def test_config_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match="--config is given twice"):
+        load_config(train.SCHEMA, ["--config", DEMO_CONFIG, "--config", DEMO_CONFIG], DEMO_CONFIG, "")
+
+
+@pytest.mark.parametrize("argv", [["--bad-key", "1"], ["--help"]])
+def test_a_config_mistake_is_answered_before_torch_is_imported(argv):
+    """`python -X importtime` lists every module the script imported before it exited."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "train.py", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "engine.config" in imported and "torch" not in imported and "transformers" not in imported
+    if argv == ["--help"]:
+        assert proc.returncode == 0 and "--batch-size" in proc.stdout
+    else:
+        assert proc.returncode == 1 and "error: unknown config key 'bad-key'" in proc.stderr

@@ -186,3 +186,57 @@ def test_newline_in_a_csv_header_stays_one_line(tmp_path):
     with pytest.raises(DataError) as e:
         read_captions(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------- (b) unbalanced quotes
+def unbalanced_quote_cases(rng, count):
+    """(description, (csv text, rows, opened line or None)): valid rows, one of which gets a stray double quote at
+    the start of its caption (it opens a quoted field: every later row would vanish into it) or inside it (csv
+    keeps it as a character: nothing is lost)."""
+    words = ["red", "blue", "circle", "square", "left", "top", "big", "small"]
+    cases = []
+    for i in range(count):
+        rows = [(rng.choice(["a.jpg", "b.png", "sub/c.jpg"]), " ".join(rng.sample(words, rng.randint(1, 4))))
+                for _ in range(rng.randint(2, 6))]
+        k, at_start = rng.randrange(len(rows)), rng.random() < 0.7
+        lines = [f"{n},{c}" for n, c in rows]
+        name, caption = rows[k]
+        lines[k] = f'{name},"{caption}' if at_start else f'{name},{caption[:1]}"{caption[1:]}'
+        text = "filename,caption\n" + "\n".join(lines) + "\n"
+        cases.append((f"#{i} {text[:100]!r}", (text, rows, k + 2 if at_start else None)))
+    return cases
+
+
+def test_an_unbalanced_quote_never_swallows_rows_silently(csv_root):
+    def run(case):
+        text, rows, opened = case
+        (csv_root / "captions.csv").write_text(text)
+        kind, value, _ = outcome(lambda: read_captions(str(csv_root)))
+        if opened is not None:
+            assert kind == "error" and f"line {opened} opens a quote" in value, (kind, value)
+        else:  # a quote inside a field is a character: every row is still there
+            assert kind == "ok" and len(value) == len(set(rows)), (kind, value)
+        return kind
+
+    tally = check_all(unbalanced_quote_cases(random.Random(SEED), 40), run)
+    assert tally.get("ok", 0) >= 5 and tally.get("error", 0) >= 20, tally
+
+
+@pytest.mark.parametrize("text, message", [
+    ('filename,caption\na.jpg,"open\nb.jpg,x\na.jpg,y\nb.jpg,z\n', "line 2 opens a quote that runs to line 5 and "
+     "swallows 3 line(s) that look like rows (first: 'b.jpg,x')"),
+    ('filename,caption\na.jpg,x\nb.jpg,"open\nhello\n', "line 3 opens a quote that is never closed"),
+])
+def test_the_issue_cases_name_the_line_where_the_quote_opened(tmp_path, text, message):
+    os.makedirs(tmp_path / "images")
+    (tmp_path / "captions.csv").write_text(text)
+    with pytest.raises(DataError) as e:
+        read_captions(str(tmp_path))
+    assert message in str(e.value)
+
+
+def test_a_quoted_caption_with_a_line_break_is_still_read(tmp_path):
+    write_csv(tmp_path, [("a.jpg", "two\nlines"), ("b.jpg", "one line")])
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+    assert read_captions(str(tmp_path)) == [("a.jpg", "two lines"), ("b.jpg", "one line")]

@@ -24,6 +24,7 @@ from inference import classify, export, search, serve
 from inference import index as search_index
 from inference.encoder import Encoder
 from tests.helpers import DEMO_EVAL_CONFIG, one_line_exit, tiny_train_args, write_csv
+from tests.trusted import TRUSTED
 from tools import prepare_data
 
 
@@ -298,7 +299,7 @@ def test_damaged_checkpoints_are_one_line_errors_in_every_entry(tiny, tiny_data,
             "export": lambda: export.main(["--model-path", str(path), "--output", str(tmp_path / "onnx")]),
             "search": lambda: search.main(["index", "--model-path", str(path), "--images", str(tiny["images"]),
                                            "--output", str(tmp_path / "i2"), "--num-workers", "0"]),
-            "serve": lambda: serve.main(["--model-path", str(path), "--index", str(tmp_path / "index")]),
+            "serve": lambda: serve.main(["--model-path", str(path), "--index", str(tmp_path / "index"), *TRUSTED]),
         }
         for entry, call in entries.items():
             with pytest.raises(SystemExit) as e:
@@ -325,7 +326,7 @@ def test_damaged_index_files_say_rebuild(tiny, tmp_path, damage):
         meta["sizes"] = "not a list"
         (out / "index.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit) as e:
-        search.main(["query", "--index", str(out), "--text", "a red circle"])
+        search.main(["query", "--index", str(out), *TRUSTED, "--text", "a red circle"])
     assert "--rebuild" in one_line_exit(e)
 
 

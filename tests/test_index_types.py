@@ -17,6 +17,7 @@ from inference import ann, search, serve
 from inference import index as search_index
 from inference.encoder import Encoder
 from tools import demo
+from tests.trusted import TRUSTED
 
 pytest.importorskip("faiss")
 
@@ -64,7 +65,7 @@ def index_cmd(tiny, photos, out, *extra):
 
 
 def query_cmd(index, *extra):
-    return search.main(["query", "--index", str(index), "--device", "cpu", *extra])
+    return search.main(["query", "--index", str(index), "--device", "cpu", *TRUSTED, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,7 @@ def test_ef_search_sets_hnsw_candidates(indexes):
 ])
 def test_settings_that_do_not_fit_the_index_are_one_line_errors(indexes, tiny, kind, flags, message):
     one_line_error(lambda: query_cmd(indexes[kind], "--text", "a star", *flags), message, kind)
-    one_line_error(lambda: serve.main(["--index", str(indexes[kind]), "--device", "cpu", *flags]), message)
+    one_line_error(lambda: serve.main(["--index", str(indexes[kind]), "--device", "cpu", *TRUSTED, *flags]), message)
 
 
 def test_build_flags_that_do_not_fit_are_one_line_errors(tiny, indexes, demo_images, photos, tmp_path, capsys):
@@ -231,7 +232,8 @@ def test_build_flags_that_do_not_fit_are_one_line_errors(tiny, indexes, demo_ima
     with pytest.raises(SystemExit) as e:  # argparse's usage error (status 2, on stderr)
         query_cmd(indexes["ivf"], "--text", "x", "--nprobe", "0")
     assert e.value.code == 2 and "at least 1" in capsys.readouterr().err
-    one_line_error(lambda: serve.main(["--index", str(indexes["ivf"]), "--nprobe", "0"]), "--nprobe must be at least 1")
+    one_line_error(lambda: serve.main(["--index", str(indexes["ivf"]), "--nprobe", "0", *TRUSTED]),
+                   "--nprobe must be at least 1")
     one_line_error(lambda: search.main(["query", "--model-path", str(tiny["checkpoint"]), "--captions",
                                         str(tiny["captions"]), "--image", str(photos / "00000.jpg"), "--nprobe", "3"]),
                    "--nprobe and --ef-search tune the search of an --index")
@@ -269,7 +271,8 @@ def test_a_damaged_ann_file_says_rebuild(tiny, indexes, demo_images, tmp_path, d
     with pytest.raises(search_index.SearchError, match="rebuild the index with --rebuild"):
         search_index.ImageIndex.load(str(out))
     one_line_error(lambda: query_cmd(out, "--text", "a red circle"), "rebuild the index with --rebuild")
-    one_line_error(lambda: serve.main(["--index", str(out), "--device", "cpu"]), "rebuild the index with --rebuild")
+    one_line_error(lambda: serve.main(["--index", str(out), "--device", "cpu", *TRUSTED]),
+                   "rebuild the index with --rebuild")
     # indexing again mends it from the stored embeddings, without re-encoding
     summary = index_cmd(tiny, demo_images, out)
     assert summary["ann"] == "built" and summary["new"] == 0

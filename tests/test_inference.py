@@ -20,6 +20,7 @@ from dataset import tokenize
 from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, check_templates,
                        zero_shot_probs)
 from engine.runtime import amp_context
+from tests.trusted import TRUSTED
 
 CPU = torch.device("cpu")
 
@@ -234,7 +235,7 @@ def test_index_with_another_checkpoint(tiny, photos, tmp_path):
         search.main(cmd)
     assert "another checkpoint" in exit_message(e) and "--rebuild" in exit_message(e)
     with pytest.raises(SystemExit) as e:  # querying with the wrong model is refused too
-        search.main(["query", "--index", str(out), "--model-path", str(other), "--text", "a red star"])
+        search.main(["query", "--index", str(out), *TRUSTED, "--model-path", str(other), "--text", "a red star"])
     assert "was built with" in exit_message(e)
     old = rows(search_index.ImageIndex.load(str(out)))
     assert search.main(cmd + ["--rebuild"])["new"] == 12
@@ -248,14 +249,14 @@ def test_query_cli(tiny, encoder, photos, tmp_path, capsys):
     index = search_index.ImageIndex.load(str(out))
     capsys.readouterr()
 
-    results = search.main(["query", "--index", str(out), "--text", "a big red circle", "-k", "5"])
+    results = search.main(["query", "--index", str(out), *TRUSTED, "--text", "a big red circle", "-k", "5"])
     scores = rows(index) @ encoder.encode_texts(["a big red circle"])[0]  # (N,)
     assert [r["id"] for r in results] == scores.topk(5).indices.tolist()
     assert [r["score"] for r in results] == pytest.approx(scores.topk(5).values.tolist(), abs=1e-5)
     assert capsys.readouterr().out.count("\n") == 6  # a title and five ranked lines
 
     query = index.path(7)
-    results = search.main(["query", "--index", str(out), "--image", query, "-k", "50"])
+    results = search.main(["query", "--index", str(out), *TRUSTED, "--image", query, "-k", "50"])
     assert results[0]["path"] == query and len(results) == len(index)  # k larger than the index: all of it
 
     # image -> text over a captions CSV (duplicates ranked once) and over a plain text file
@@ -270,28 +271,28 @@ def test_query_cli(tiny, encoder, photos, tmp_path, capsys):
         {"a red star": sims[0], "a blue circle": sims[1]}, abs=1e-5)
     lines = tmp_path / "caps.txt"
     lines.write_text("a red star\n\na blue circle\n")
-    assert len(search.main(["query", "--index", str(out), "--captions", str(lines), "--image", query])) == 2
+    assert len(search.main(["query", "--index", str(out), *TRUSTED, "--captions", str(lines), "--image", query])) == 2
 
 
 def test_hnsw_matches_exact_or_says_how_to_install(tiny, photos, tmp_path, monkeypatch):
     """On 12 images an hnsw search keeps every image as a candidate (ef_search 128), so it is exact."""
     flat, hnsw = tmp_path / "flat", tmp_path / "hnsw"
     index_cmd(tiny, photos, flat)
-    exact = search.main(["query", "--index", str(flat), "--text", "a small green star", "-k", "4"])
+    exact = search.main(["query", "--index", str(flat), *TRUSTED, "--text", "a small green star", "-k", "4"])
     try:
         import faiss  # noqa: F401
     except ImportError:
         pass
     else:
         index_cmd(tiny, photos, hnsw, "--index-type", "hnsw")
-        fast = search.main(["query", "--index", str(hnsw), "--text", "a small green star", "-k", "4"])
+        fast = search.main(["query", "--index", str(hnsw), *TRUSTED, "--text", "a small green star", "-k", "4"])
         assert [r["id"] for r in fast] == [r["id"] for r in exact]
         assert [r["score"] for r in fast] == pytest.approx([r["score"] for r in exact], abs=1e-5)
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if not installed
     calls = [["index", "--model-path", str(tiny["checkpoint"]), "--images", str(photos), "--output",
               str(tmp_path / "ivf"), "--index-type", "ivf", "--num-workers", "0"]]
     if hnsw.exists():
-        calls.append(["query", "--index", str(hnsw), "--text", "a star"])
+        calls.append(["query", "--index", str(hnsw), *TRUSTED, "--text", "a star"])
     for args in calls:
         with pytest.raises(SystemExit) as e:
             search.main(args)

@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from inference import classify, search, serve
 from inference import index as search_index
 from inference.encoder import Encoder, InferenceError, check_templates
 from tests.helpers import DEMO_EVAL_CONFIG, ROOT, one_line_exit
+from tests.trusted import TRUSTED
 from tools import demo
 
 
@@ -45,8 +48,12 @@ def image_path(tiny, i=0):
 
 # ---------------------------------------------------------------------- 1. eval --output
 def eval_args(tiny, output, *extra):
-    return ["--config", DEMO_EVAL_CONFIG, "--model-path", str(tiny["checkpoint"]), "--valid-root",
-            str(tiny["captions"].parent), "--num-workers", "0", "--device", "cpu", "--output", str(output), *extra]
+    """eval.py's arguments; each `--key value` pair of `extra` replaces a default (a key given twice is an error)."""
+    args = {"--config": DEMO_EVAL_CONFIG, "--model-path": str(tiny["checkpoint"]),
+            "--valid-root": str(tiny["captions"].parent), "--num-workers": "0", "--device": "cpu",
+            "--output": str(output)}
+    args.update(zip(extra[::2], extra[1::2]))
+    return [token for pair in args.items() for token in pair]
 
 
 @pytest.mark.parametrize("kind, fragment", [
@@ -246,7 +253,8 @@ def test_a_port_in_use_is_one_line_before_serving(tiny, index_dir, monkeypatch):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        message = fails(lambda: serve.main(["--index", str(index_dir), "--device", "cpu", "--port", str(port)]))
+        message = fails(lambda: serve.main(["--index", str(index_dir), "--device", "cpu", "--port", str(port),
+                                            *TRUSTED]))
     assert f"port {port}" in message and "in use" in message and "--port" in message
 
 
@@ -313,3 +321,15 @@ def test_reported_cosine_scores_stay_within_one(tmp_path):
     assert scores[0, 0].item() == 1.0 and ids[0, 0].item() == 0
     assert scores[1, 2].item() == -1.0 and ids[1, 2].item() == 1
     assert scores.abs().max().item() <= 1.0
+
+
+@pytest.mark.parametrize("module, argv", [("inference.search", ["query", "--bogus"]), ("inference.search", ["--help"]),
+                                          ("inference.serve", ["--index", "x", "--port", "0"]),
+                                          ("inference.classify", ["--help"])])
+def test_an_option_mistake_or_help_is_answered_before_torch_is_imported(module, argv):
+    """`python -X importtime` lists every module the entry imported before it exited."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "inference.options" in imported and not {"torch", "transformers", "fastapi"} & imported
+    assert proc.returncode == (0 if argv == ["--help"] else 2)

@@ -14,6 +14,7 @@ from PIL import Image
 from inference import index as search_index
 from inference import serve
 from inference.encoder import DEFAULT_TEMPLATES
+from tests.trusted import TRUSTED
 
 UPLOAD_MB = 0.5  # a small limit, so the over-limit test sends little
 
@@ -176,5 +177,5 @@ def test_index_built_with_another_checkpoint_is_refused(tiny, index_dir, tmp_pat
     meta["checkpoint"]["sha256"] = "0" * 64  # as if another checkpoint had encoded the images
     (other / "index.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit) as e:
-        serve.main(["--model-path", str(tiny["checkpoint"]), "--index", str(other), "--device", "cpu"])
+        serve.main(["--model-path", str(tiny["checkpoint"]), "--index", str(other), "--device", "cpu", *TRUSTED])
     assert str(e.value.code).startswith("error:") and "was built with" in str(e.value.code)
