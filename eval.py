@@ -20,14 +20,8 @@ only with `--overwrite true`, and any other file is never replaced.
 import json
 import os
 
-from engine.checkpoint import load_trained
 from engine.config import ConfigError, Schema, at_least, format_config, load_config, one_of, positive, workers
 from engine.errors import run_entry
-from engine.evaluation import Encoding, evaluate
-from engine.files import write_json
-from engine.images import ImageLimits
-from engine.metrics import format_table
-from engine.runtime import amp_context, resolve_device
 
 SCHEMA = Schema({
     "model-path": ("checkpoints/best.pt", (str,), "checkpoint to evaluate"),
@@ -50,6 +44,15 @@ DESCRIPTION = ("Evaluate a retrieval checkpoint. The output JSON of an earlier r
                "valid-root is replaced; one with another checkpoint's metrics only with --overwrite true; any "
                "other existing file is never replaced.")
 METRICS_KEYS = {"image_to_text", "text_to_image", "rsum"}  # in every metrics JSON eval has written
+
+if __name__ == "__main__":  # a config mistake or --help is answered before torch loads (seconds, ~850 MB)
+    run_entry(load_config, SCHEMA, None, "configs/eval.yaml", DESCRIPTION)
+from engine.checkpoint import load_trained
+from engine.evaluation import Encoding, evaluate
+from engine.files import write_json
+from engine.images import ImageLimits
+from engine.metrics import format_table
+from engine.runtime import amp_context, resolve_device
 
 
 def run(argv):

@@ -46,13 +46,18 @@ def make_tiny_data(base):
 
 
 def tiny_train_args(data, out, *extra):
-    """Command-line arguments for a seconds-long CPU training run on `tiny_data`."""
-    return ["--config", DEMO_CONFIG,
-            "--train-root", str(data / "train"), "--valid-root", str(data / "valid"),
-            "--text-model", str(data / "text"), "--demo-data", "false",
-            "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-steps", "2",
-            "--num-workers", "0", "--device", "cpu", "--select-images", "4", "--report-every-epoch", "false",
-            "--last-path", str(out / "last.pt"), "--best-path", str(out / "best.pt"), *extra]
+    """Command-line arguments for a seconds-long CPU training run on `tiny_data`; each `--key value` pair of
+    `extra` replaces the default of its key (a key given twice on the command line is an error)."""
+    args = {"--config": DEMO_CONFIG,
+            "--train-root": str(data / "train"), "--valid-root": str(data / "valid"),
+            "--text-model": str(data / "text"), "--demo-data": "false",
+            "--image-size": "32", "--batch-size": "8", "--epochs": "2", "--warmup-steps": "2",
+            "--num-workers": "0", "--device": "cpu", "--select-images": "4", "--report-every-epoch": "false",
+            "--last-path": str(out / "last.pt"), "--best-path": str(out / "best.pt")}
+    if len(extra) % 2:
+        raise ValueError(f"extra arguments come in --key value pairs, got {extra}")
+    args.update(zip(extra[::2], extra[1::2]))
+    return [token for pair in args.items() for token in pair]
 
 
 def tiny_run(base):
