@@ -9,10 +9,11 @@ import struct
 import pytest
 import torch
 import yaml
+from fastapi.testclient import TestClient
 
 import eval as eval_entry
 from engine.checkpoint import load_trained
-from inference import classify, export, search
+from inference import classify, export, search, serve
 from inference.encoder import Encoder
 from tests.helpers import one_line_exit
 
@@ -83,6 +84,10 @@ def test_classify_and_search_take_the_folder(tiny, folder, tmp_path):
     hits = search.main(["query", "--index", str(out), "--model-path", str(folder), "--text", "a red circle",
                         "-k", "3", "--device", "cpu"])
     assert len(hits) == 3
+    app = serve.create_app(str(folder), str(out), device="cpu")  # the web service, on the folder and its index
+    with TestClient(app) as client:
+        found = client.get("/api/search", params={"q": "a red circle", "k": 3}).json()
+    assert [r["id"] for r in found["results"]] == [h["id"] for h in hits]
 
 
 def test_onnx_export_from_the_folder_matches_the_checkpoint(tiny, folder, tmp_path):
