@@ -15,12 +15,17 @@ from collections import Counter
 import torch
 
 from dataset import image_transform
-from engine.images import DEFAULT_LIMITS, check_size, open_image, to_rgb
 from engine.checkpoint import load_trained
 from engine.errors import UserError
+from engine.evaluation import (
+    Encoding,
+    encode_image_batch,
+    encode_image_files,
+    encode_texts,
+)
 from engine.files import require_file
+from engine.images import DEFAULT_LIMITS, check_size, open_image, to_rgb
 from engine.model_folder import weights_identity_file
-from engine.evaluation import Encoding, encode_image_batch, encode_image_files, encode_texts
 from engine.runtime import amp_context, resolve_device
 
 # Prompt templates for zero-shot labels (a subset of CLIP's ImageNet prompts); `{}` is replaced by the label.
