@@ -28,9 +28,9 @@ import subprocess
 import sys
 import time
 
-import torch
 import yaml
 
+from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, load_yaml
 from engine.errors import UserError, run_entry
 from engine.files import write_json
@@ -160,7 +160,7 @@ def read_run(folder):
     with open(os.path.join(folder, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
     log = read_log(os.path.join(folder, LOG_NAME))
-    best = torch.load(os.path.join(folder, "best.pt"), map_location="cpu", weights_only=False)
+    best = load_checkpoint(os.path.join(folder, "best.pt"))  # the safe loader: a run folder is data too
     scale = best["model"]["log_scale"].exp().clamp(max=100).item()  # as model.logit_scale caps it
     return {"report": {name: report[d][k] for name, d, k in METRICS}, "rsum": report["rsum"],
             "best_epoch": report["epoch"], "epochs": len(log), "steps": sum(e["train"]["steps"] for e in log),

@@ -44,8 +44,13 @@ def seed_everything(seed):
 
 
 def rng_state():
-    """Every random stream a run draws from (Python, NumPy, torch CPU and CUDA), to save or to replay."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random stream a run draws from (Python, NumPy, torch CPU and CUDA), to save or to replay.
+
+    Only tuples, numbers and tensors, so that a checkpoint holding it loads with torch.load(weights_only=True):
+    NumPy's key array travels as an int64 tensor."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         # this process's GPU only: under torchrun every rank sees all the node's GPUs, and a resume may see fewer
         state["cuda"] = torch.cuda.get_rng_state()
@@ -56,7 +61,8 @@ def set_rng_state(state):
     """Restore what `rng_state` saved. The generator states must be CPU byte tensors, wherever a checkpoint's
     tensors were loaded to."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # keys: a tensor, or (checkpoints before 2026-12) a NumPy array
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():

@@ -15,11 +15,17 @@ from collections import Counter
 import torch
 
 from dataset import image_transform
-from engine.images import DEFAULT_LIMITS, check_size, open_image, to_rgb
 from engine.checkpoint import load_trained
 from engine.errors import UserError
+from engine.evaluation import (
+    Encoding,
+    encode_image_batch,
+    encode_image_files,
+    encode_texts,
+)
 from engine.files import require_file
-from engine.evaluation import Encoding, encode_image_batch, encode_image_files, encode_texts
+from engine.images import DEFAULT_LIMITS, check_size, open_image, to_rgb
+from engine.model_folder import weights_identity_file
 from engine.runtime import amp_context, resolve_device
 
 # Prompt templates for zero-shot labels (a subset of CLIP's ImageNet prompts); `{}` is replaced by the label.
@@ -74,10 +80,12 @@ class Encoder:
         return float(self.model.logit_scale())
 
     def identity(self):
-        """{"path", "size", "sha256"} of the checkpoint file; hashed once, on first use."""
+        """{"path", "size", "sha256"} of the checkpoint file (of a model folder's weights); hashed once, on first
+        use."""
         if self._identity is None:
-            self._identity = {"path": os.path.abspath(self.model_path), "size": os.path.getsize(self.model_path),
-                              "sha256": file_sha256(self.model_path)}
+            weights = weights_identity_file(self.model_path)
+            self._identity = {"path": os.path.abspath(self.model_path), "size": os.path.getsize(weights),
+                              "sha256": file_sha256(weights)}
         return self._identity
 
     # ------------------------------------------------------------------ images

@@ -1,8 +1,11 @@
-"""Export a checkpoint's two towers to ONNX, with what a runtime needs to preprocess inputs the same way.
+"""Export a checkpoint: its two towers to ONNX, or the whole model as a folder to share (--format hf).
 
     python -m inference.export --model-path checkpoints/best.pt --output exported/
+    python -m inference.export --format hf --model-path checkpoints/best.pt --output models/my-model
 
-writes
+--format hf writes a model folder (engine.model_folder: model.safetensors, config.json, text/ with the tokenizer,
+README.md with the model card), which every entry takes as --model-path and the Hugging Face hub can host.
+--format onnx (the default) writes
     image_encoder.onnx   pixel_values (B, 3, H, W) float32, normalised -> image_embeds (B, D), L2-normalised
     text_encoder.onnx    input_ids, attention_mask (B, T) int64         -> text_embeds (B, D), L2-normalised
     tokenizer files      the checkpoint's tokenizer (Hugging Face format)
@@ -20,9 +23,12 @@ import warnings
 import torch
 
 from dataset import tokenize
+from engine.checkpoint import vocab_fingerprint
 from engine.errors import run_entry
 from engine.files import write_json
+from engine.model_folder import write_model_folder
 from inference.encoder import Encoder, InferenceError
+from inference.model_card import model_card, read_report
 from model import IMAGENET_MEAN, IMAGENET_STD
 
 OPSET = 17  # supported by onnxruntime >= 1.14 and by the TorchScript exporter
@@ -88,9 +94,29 @@ def _export_graphs(model, images, ids, mask, paths):
                           opset_version=OPSET, dynamo=False)
 
 
+def export_folder(encoder, out):
+    """Write the model folder for the hub (see the module docstring) to `out`; returns `out`."""
+    model, run_cfg = encoder.model, encoder.run_cfg
+    extra = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
+             "image_resize": "short side to image_size (bilinear, antialiased), centre crop",
+             "text_model_type": model.text.model.config.model_type}
+    report, note = read_report(encoder.model_path)
+    config = {"image_model": run_cfg["image-model"], "text_pooling": run_cfg.get("text-pooling", "first"),
+              "embedding_dim": encoder.dim, "image_size": encoder.image_size, "max_length": encoder.max_length,
+              **extra}
+    card = model_card(run_cfg, config, report, note, os.path.basename(os.path.normpath(out)))
+    return write_model_folder(model, encoder.tokenizer, run_cfg, out, vocab_fingerprint(encoder.tokenizer), card,
+                              extra)
+
+
 def run(a):
     if os.path.isfile(a.output):
         raise InferenceError(f"--output '{a.output}' is a file; pass a folder")
+    if a.format == "hf":
+        out = export_folder(Encoder(a.model_path, "cpu", a.text_model), a.output)
+        print(f"wrote the model folder {out}: model.safetensors, config.json, text/ (tokenizer) and README.md; "
+              f"share it with: hf upload <your-user>/{os.path.basename(os.path.normpath(out))} {out} .")
+        return out
     paths = export(Encoder(a.model_path, "cpu", a.text_model), a.output)
     print(f"wrote {paths['image']}, {paths['text']}, the tokenizer and export.json to {a.output}")
     return paths
@@ -99,8 +125,11 @@ def run(a):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export the image and text towers of a checkpoint to ONNX.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-path", required=True, help="checkpoint written by train.py")
-    p.add_argument("--output", required=True, help="folder for the .onnx graphs, tokenizer and export.json")
+    p.add_argument("--model-path", required=True, help="checkpoint written by train.py, or a model folder")
+    p.add_argument("--output", required=True, help="folder for the .onnx graphs, tokenizer and export.json, or "
+                                                   "for the model folder (--format hf)")
+    p.add_argument("--format", choices=("onnx", "hf"), default="onnx",
+                   help="onnx: the two towers as ONNX graphs; hf: a model folder to share (safetensors)")
     p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
     return run_entry(run, p.parse_args(argv))
 

@@ -77,3 +77,20 @@ def test_the_rules_hold_when_the_checks_run_in_a_fresh_interpreter():
     code = "import importlib\nfor m in %r:\n    importlib.import_module(m)\nprint('ok')" % modules
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("path", source_files())
+def test_library_code_never_unpickles(path):
+    """A checkpoint or model file is data from elsewhere: it is read with torch.load(weights_only=True) or
+    safetensors, never by an unpickler that can run code it names (issue 17)."""
+    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    tree = ast.parse(text)
+    unsafe_loads = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg == "weights_only"
+                    and not (isinstance(n.value, ast.Constant) and n.value.value is True)]
+    assert not unsafe_loads, f"{path}: weights_only other than True at lines {unsafe_loads}"
+    picklers = {n.split(".")[0] for n in imported_modules(path)} & {"pickle", "_pickle", "cPickle", "dill",
+                                                                    "cloudpickle", "joblib"}
+    assert not picklers, f"{path} imports {picklers}"
+    allow = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg == "allow_pickle"
+             and not (isinstance(n.value, ast.Constant) and n.value.value is False)]
+    assert not allow, f"{path}: allow_pickle other than False at lines {allow}"
