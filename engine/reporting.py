@@ -14,12 +14,11 @@ Every point is placed at an optimizer step, the epoch curves too, so a resume ha
 Resumes continue the same curves. A run resumed from a checkpoint saved at global step S (`start_step=S`)
 first cuts every event after step S out of the folder's event files (what a killed run logged after its last
 checkpoint), then logs those steps again, once. This holds because everything up to step S was logged and
-flushed before the checkpoint at S was written (`epoch` flushes). The cut is made in the files because
-TensorBoard reads a folder's files in name order, and names (start second, host, pid) need not sort in run
-order. Its new file also carries TensorBoard's purge step S + 1, so a TensorBoard already showing the
-killed run's points drops them too. A fresh run removes the event files an earlier run left in
-the folder (killed before its first save, or replaced with `overwrite`) when it reaches its own first save, as
-engine/rundir.py keeps a replaced run's files until then; its purge step 0 hides them meanwhile.
+flushed before the checkpoint at S was written (`epoch` flushes). The cut is made in the files (`cut_events`),
+not with the writer's purge_step: TensorBoard reads a folder's files in name order, names (start second,
+host, pid) need not sort in run order, and a purge marker read out of order hides the wrong points. A fresh run
+removes the event files an earlier run left in the folder (killed before its first save, or replaced with
+`overwrite`) when it reaches its own first save, as engine/rundir.py keeps a replaced run's files until then.
 """
 import json
 import os
@@ -32,6 +31,7 @@ from engine.files import atomic_write
 
 TARGETS = ("tensorboard", "wandb", "none")
 EVENTS_PREFIX = "events.out.tfevents."  # how TensorBoard's writer names its files
+MERGED_EVENTS = EVENTS_PREFIX + "0000000000.resumed"  # before any writer's name: its second comes first
 WANDB_ID_FILE = "wandb-run.json"  # in the run folder: the W&B run id, so a resumed run continues the same run
 
 
@@ -117,14 +117,13 @@ class Reporter:
         if "wandb" in targets:  # checked first: a missing package is refused before any file is written
             self.wandb = start_wandb(import_wandb(), folder, start_step, wandb_project)
         if "tensorboard" in targets:
-            # TensorBoard's own writer: the tool users already have, and its purge step handles resumes
+            # TensorBoard's own writer: the tool users already have (open_clip's --report-to does the same)
             from torch.utils.tensorboard import SummaryWriter
             if start_step:
                 cut_events(folder, start_step)
             else:  # a fresh start: what a run killed before its first save, or a replaced run, left here
                 self.stale = event_files(folder)
-            self.writer = SummaryWriter(folder, purge_step=start_step + 1 if start_step else 0)
-            self.writer.flush()  # the purge marker is on disk before anything else is logged
+            self.writer = SummaryWriter(folder)
 
     def due(self, global_step):
         return bool(self.writer or self.wandb) and global_step % self.every == 0
@@ -191,18 +190,24 @@ def event_files(folder):
 
 
 def cut_events(folder, last_step):
-    """Drop every event after `last_step` from the TensorBoard event files in `folder`, each file rewritten
-    atomically. Events are read as TensorBoard's record format (protobuf), never unpickled; a torn last record
-    (a kill mid-write) is dropped by the reader."""
+    """Keep the events of `folder` up to `last_step` in one file, in step order, named to be read before any
+    file a writer makes next (TensorBoard reads a folder's files in name order); remove the others. Events are
+    read as TensorBoard's record format (protobuf), never unpickled; a torn last record (a kill mid-write) is
+    dropped by the reader. Byte-identical records are kept once, so a kill between the write and the removals
+    leaves nothing twice for the next resume."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    for path in event_files(folder):
-        records = list(RawEventFileLoader(path).Load())
-        kept = [r for r in records if Event.FromString(r).step <= last_step]
-        if len(kept) < len(records):
-            atomic_write(path, lambda f: [RecordWriter(f).write(r) for r in kept], binary=True)
+    files = event_files(folder)
+    records = dict.fromkeys(r for path in files for r in RawEventFileLoader(path).Load())
+    steps = {r: Event.FromString(r).step for r in records}
+    kept = sorted((r for r in records if steps[r] <= last_step), key=steps.get)  # stable: file order within a step
+    merged = os.path.join(folder, MERGED_EVENTS)
+    atomic_write(merged, lambda f: [RecordWriter(f).write(r) for r in kept], binary=True)
+    for path in files:
+        if path != merged:
+            os.remove(path)
 
 
 def start_wandb(wandb, folder, start_step, project):
