@@ -2,12 +2,12 @@
 finished run's folder without its report, its log torn mid-line), one running (its lock held), a run from an
 older version and a folder that is not a run."""
 import csv
+import fcntl
 import io
 import json
 import os
 import shutil
 
-import fcntl
 import pytest
 
 import train

@@ -149,7 +149,7 @@ def read_run(folder):
     speeds = [number(dig(e, "train", "samples_per_s")) for e in log]
     # an epoch's time: its wall time where the line records one, else its training loop's (samples / speed)
     times = [number(dig(e, "seconds")) or (number(dig(e, "train", "samples")) or 0) / s if s else None
-             for e, s in zip(log, speeds)]
+             for e, s in zip(log, speeds, strict=True)]
     if log and None not in speeds and None not in times:
         row["pairs_per_s"], row["seconds"] = sum(speeds) / len(speeds), sum(times)
     elif log:
@@ -228,7 +228,7 @@ def format_runs(rows, fmt="table"):
         lines = ["| " + " | ".join(line) + " |" for line in escape]
         return "\n".join([lines[0], "|" + "---|" * len(cells[0]), *lines[1:]])
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells)
 
 
 def parse_args(argv):
