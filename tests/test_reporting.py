@@ -7,6 +7,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -196,8 +197,13 @@ def test_wandb_offline_records_the_steps_the_config_and_the_final_scores(tmp_pat
     reporter.close()
     files = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
     assert len(files) == 1
+    for _ in range(600):  # W&B's service process may still be writing the file when finish() returns
+        records = wandb_records(files[0])
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.1)
     history, config = [], {}
-    for record in wandb_records(files[0]):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
