@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from numpy._core import multiarray
 
+from engine.config import check_stored_config
 from engine.errors import UserError
 from engine.files import atomic_write
 from engine.model_folder import is_model_folder, read_model_folder
@@ -118,7 +119,7 @@ def load_trained(path, device, text_model=None):
     whose vocabulary does not fit the checkpoint's text tower is refused (`check_tokenizer`).
     """
     ckpt, weights = read_model(path)
-    run_cfg = dict(ckpt["config"])
+    run_cfg = check_stored_config(ckpt.get("config"), path)
     trained_with = run_cfg["text-model"]
     if text_model is not None:
         run_cfg["text-model"] = text_model

@@ -18,7 +18,27 @@ code without graph breaks and needs no extra packages beyond `onnx`.
 """
 import argparse
 import os
+import sys
 import warnings
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Export the image and text towers of a checkpoint to ONNX, or the whole "
+                                            "model as a folder to share (--format hf).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-path", required=True, help="checkpoint written by train.py, or a model folder")
+    p.add_argument("--output", required=True, help="folder for the .onnx graphs, tokenizer and export.json, or "
+                                                   "for the model folder (--format hf)")
+    p.add_argument("--format", choices=("onnx", "hf"), default="onnx",
+                   help="onnx: the two towers as ONNX graphs; hf: a model folder to share (safetensors)")
+    p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
+    return p.parse_args(argv)
+
+
+# --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
+# line is checked here, and the heavy imports below run only once it parses.
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
 
 import torch
 
@@ -123,15 +143,7 @@ def run(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export the image and text towers of a checkpoint to ONNX.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-path", required=True, help="checkpoint written by train.py, or a model folder")
-    p.add_argument("--output", required=True, help="folder for the .onnx graphs, tokenizer and export.json, or "
-                                                   "for the model folder (--format hf)")
-    p.add_argument("--format", choices=("onnx", "hf"), default="onnx",
-                   help="onnx: the two towers as ONNX graphs; hf: a model folder to share (safetensors)")
-    p.add_argument("--text-model", help="tokenizer/config folder; default: the one named in the checkpoint")
-    return run_entry(run, p.parse_args(argv))
+    return run_entry(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class ImageIndex:
             raise SearchError(f"index '{self.folder}' names the checkpoint {shorten(path, 120)}, outside "
                               f"--trusted-root '{self.trusted[1]}' and the index folder; pass --model-path with a "
                               f"checkpoint you chose")
-        if not os.path.isfile(path):
+        if not os.path.exists(path):  # a checkpoint file or a model folder
             raise SearchError(f"index '{self.folder}' was built with {path}, which no longer exists; "
                               f"pass --model-path with that checkpoint's new path")
         return path
