@@ -15,7 +15,7 @@ import pytest
 from engine.config import load_config
 from tests.helpers import ROOT
 
-DOCS = ["README.md", "pretrains/README.md", "datasets/README.md", "checkpoints/README.md"]
+DOCS = ["README.md", "README.zh-CN.md", "pretrains/README.md", "datasets/README.md", "checkpoints/README.md"]
 
 
 def fenced_commands(path):
@@ -40,7 +40,7 @@ def help_form(command):
         else:
             head = [sys.executable, rest[0]]
             rest = rest[1:]
-        if rest and re.fullmatch(r"[a-z0-9]+", rest[0]):  # a sub-command such as `index` or `coco`
+        if rest and re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", rest[0]):  # a sub-command: `index`, `chinese-clip`
             head.append(rest[0])
         return head + ["--help"]
     head = [program] + ([rest[0]] if rest and re.fullmatch(r"[a-z]+", rest[0]) else [])
@@ -70,6 +70,21 @@ def test_every_documented_command_answers_help():
         results = list(pool.map(run, COMMANDS))
     failed = [f"{' '.join(cmd)} -> {code}: {out}" for cmd, code, out in results if code != 0]
     assert not failed, "\n".join(failed)
+
+
+def test_every_config_a_documented_command_names_exists():
+    # the shipped ones: a user's own file (`--config my.yaml`) is only an example name
+    named = {m for doc in DOCS for c in fenced_commands(doc) for m in re.findall(r"--config (configs/\S+)", c)}
+    assert {"configs/demo-zh.yaml", "configs/demo-zh-eval.yaml", "configs/train-zh.yaml"} <= named, named
+    assert not [path for path in named if not os.path.isfile(os.path.join(ROOT, path))]
+
+
+def test_the_chinese_guide_gives_the_chinese_commands():
+    commands = fenced_commands("README.zh-CN.md")
+    assert "python train.py --config configs/demo-zh.yaml" in commands
+    assert "python eval.py --config configs/demo-zh-eval.yaml" in commands
+    assert any(c.startswith("python -m tools.prepare_data chinese-clip") for c in commands)
+    assert any(c.startswith("python train.py --config configs/train-zh.yaml") for c in commands)
 
 
 @pytest.mark.parametrize("entry", ["train.py", "eval.py"])
