@@ -73,8 +73,7 @@ def bench_data(ws, args, device, report):
     base = report.add("data", f"naive Image.open().convert(), jitter in worker, float32 out ({label})", "samples/s",
                       [n / t for t in times["naive"]], is_baseline=True)
     report.add("data", "real PairDataset: crop-scale decode, crop only in worker, uint8 out; jitter + normalize "
-               "on device", "samples/s", [n / t for t in times["real"]], base, target=">= 3x naive",
-               check=lambda r: r["ratio"] >= 3)
+               "on device", "samples/s", [n / t for t in times["real"]], base)
     report.add("data", "real PairDataset, images pre-resized to 256", "samples/s",
                [n / t for t in times["resized"]], base)
     report.add("data", "real PairDataset, loader alone (jitter + normalize left to a GPU)", "samples/s",

@@ -16,6 +16,7 @@ from engine.checkpoint import load_trained
 from inference import classify, export, search, serve
 from inference.encoder import Encoder
 from tests.helpers import one_line_exit
+from tests.trusted import TRUSTED
 
 CPU = torch.device("cpu")
 
@@ -82,7 +83,7 @@ def test_classify_and_search_take_the_folder(tiny, folder, tmp_path):
     search.main(["index", "--model-path", str(folder), "--images", str(tiny["images"]), "--output", str(out),
                  "--device", "cpu"])
     hits = search.main(["query", "--index", str(out), "--model-path", str(folder), "--text", "a red circle",
-                        "-k", "3", "--device", "cpu"])
+                        "-k", "3", "--device", "cpu", *TRUSTED])
     assert len(hits) == 3
     app = serve.create_app(str(folder), str(out), device="cpu")  # the web service, on the folder and its index
     with TestClient(app) as client:

@@ -69,6 +69,18 @@ def test_karpathy_coco_splits_and_image_folders(karpathy, tmp_path, split, names
     assert all(os.path.samefile(out / "images" / n, tmp_path / "coco" / folder_of[n] / n) for n in names)
 
 
+def test_karpathy_images_keep_the_files_order_which_the_1k_folds_cut(karpathy, tmp_path):
+    """The papers' COCO 1K folds are runs of consecutive test images in dataset_coco.json's order, and eval.py cuts
+    its folds in captions.csv's order: so a Karpathy file is written in its own order, not sorted by name."""
+    path = tmp_path / "dataset_coco.json"
+    data = json.loads(path.read_text())
+    data["images"].reverse()  # COCO_val2014_5.jpg now comes before COCO_val2014_4.jpg
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    prepare_data.main(karpathy + ["--output", str(out), "--split", "test"])
+    assert [name for name, _ in rows(out)] == ["COCO_val2014_5.jpg"] * 2 + ["COCO_val2014_4.jpg"] * 2
+
+
 def test_karpathy_coco_bad_splits_and_paths(karpathy, tmp_path):
     out = ["--output", str(tmp_path / "out")]
     data = json.loads(Path(karpathy[2]).read_text())

@@ -15,6 +15,7 @@ from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.runtime import rng_state, set_rng_state
 from inference import classify, export, search, serve
 from tests.helpers import one_line_exit, tiny_train_args
+from tests.trusted import TRUSTED
 
 
 class Payload:
@@ -126,7 +127,7 @@ def test_every_entry_refuses_a_file_that_would_run_code(entry, place, tmp_path, 
 def test_serve_refuses_a_file_that_would_run_code(tmp_path, index_dir):
     path, marker = evil_file(tmp_path, "config")
     with pytest.raises(SystemExit) as excinfo:
-        serve.main(["--model-path", str(path), "--index", str(index_dir), "--device", "cpu"])
+        serve.main(["--model-path", str(path), "--index", str(index_dir), "--device", "cpu", *TRUSTED])
     assert "refused" in one_line_exit(excinfo) and not marker.exists()
 
 

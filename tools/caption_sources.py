@@ -21,6 +21,12 @@ class Item(NamedTuple):
     captions: list  # in source order
 
 
+class SourceOrder(list):
+    """Items whose order is part of the benchmark, kept as the source gives it: Karpathy's files list each split's
+    images in the order the papers' 1K folds cut (five runs of 1,000 consecutive test images), so prepare_data writes
+    them in that order instead of sorting them by name."""
+
+
 def fail(message):
     raise PrepareError(message)
 
@@ -177,7 +183,7 @@ def read_karpathy(path, data, images_dir, split):
     if not items:
         fail(f"{path} has no image in split {split} (its splits: {', '.join(sorted(map(shown, splits)))}); "
              "choose one of those")
-    return items
+    return SourceOrder(items)
 
 
 def read_prepared(sources, out):

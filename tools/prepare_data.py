@@ -71,7 +71,7 @@ from dataset import choose_captions, inside
 from engine.errors import run_entry
 from engine.files import atomic_write, remove_stale_partials, temporary_name, write_json
 from tools import prepare_output, readable_names, shards
-from tools.caption_sources import SPLITS, Item, fail, read_coco, read_flickr30k, read_prepared
+from tools.caption_sources import SPLITS, Item, SourceOrder, fail, read_coco, read_flickr30k, read_prepared
 from tools.caption_table import FORMATS, read_table
 from tools.chinese_clip import Embedded, read_chinese_clip, read_embedded
 
@@ -144,13 +144,16 @@ def output_name(name, resize):
     return name
 
 
-def prepare(items, args):
+def prepare(items_in, args):
     items = [Item(output_name(item.name, args.resize), item.src,
-                  [c for c in map(clean, item.captions) if c]) for item in items]
+                  [c for c in map(clean, item.captions) if c]) for item in items_in]
     if empty := sum(not item.captions for item in items):
         warn(f"{empty} images have no caption and are left out")
-    # sorted by output name: the same rows in the same order whatever the source order
-    items = sorted((item for item in items if item.captions), key=lambda item: item.name)
+    # sorted by output name, the same rows in the same order whatever the source order; except where the order is
+    # the benchmark's own (Karpathy's files: the 1K folds are runs of consecutive images)
+    def order(kept):
+        return list(kept) if isinstance(items_in, SourceOrder) else sorted(kept, key=lambda item: item.name)
+    items = order(item for item in items if item.captions)
 
     unsafe = [item for item in items if inside(str(args.output / "images"), item.name) is None
               or Path(item.name).is_absolute()]
@@ -164,8 +167,7 @@ def prepare(items, args):
         warn(f"{len(renamed)} image name(s) would not read back from captions.csv as written (tabs, newlines, "
              f"double or leading spaces, ./ or //) and are renamed; the mapping is in "
              f"{args.output / readable_names.RECORD}")
-        items = sorted((item._replace(name=renamed.get(item.name, item.name)) for item in items),
-                       key=lambda item: item.name)
+        items = order(item._replace(name=renamed.get(item.name, item.name)) for item in items)
     seen = {}  # output name -> source
     for item in items:
         if item.name in seen:
