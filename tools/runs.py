@@ -32,6 +32,7 @@ except ImportError:  # not on Windows: a running run is not detected there
     fcntl = None
 
 FORMATS = ("table", "csv", "markdown", "json")
+TEXT_FORMATS = FORMATS[:3]  # what render() writes; json is each tool's own
 OWN_PATHS = ("last-path", "best-path", "load-path")  # name the run's own files: they differ for every run
 STUDY_RECORD = "study-run.json"  # bench/study.py's record of a run: holds its wall time
 
@@ -218,7 +219,12 @@ def format_runs(rows, fmt="table"):
     if fmt == "json":
         return json.dumps([{**{k: v for k, v in r.items() if k != "config"},
                             "config": {k: r["config"].get(k) for k in keys}} for r in rows], indent=2, default=str)
-    cells = table_rows(rows, keys)
+    return render(table_rows(rows, keys), fmt)
+
+
+def render(cells, fmt="table"):
+    """Rows of text cells, the first the header, as aligned text, csv or markdown; bench/study.py prints its
+    tables through this too, so a README table from either tool has one shape."""
     if fmt == "csv":
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(cells)
