@@ -125,7 +125,8 @@ def run_one(settings, folder, rerun, budget=None, cfg=None):
     done, record_path = os.path.join(folder, marker), os.path.join(folder, RUN_FILE)
     setup = {"base": load_yaml(os.path.join(STUDY_DIR, BASE + ".yaml")), "settings": settings,
              "budget_seconds": budget and budget["seconds"]}
-    if os.path.isfile(done) and not rerun:
+    finished = [n for n in ("report.json", study_time.SCORE_NAME) if os.path.isfile(os.path.join(folder, n))]
+    if finished and not rerun:  # either mode's result: an equal-steps run is never replaced by an equal-time one
         record = None
         if os.path.isfile(record_path):
             with open(record_path, encoding="utf-8") as f:
@@ -133,7 +134,8 @@ def run_one(settings, folder, rerun, budget=None, cfg=None):
         if record is None or not same_setup(record, setup):
             raise ConfigError(f"{folder} holds a finished run made with other settings; pass --rerun to replace "
                               f"it, or write this study elsewhere with --output")
-        return {**{k: record[k] for k in ("seconds", *TIMED_KEYS) if k in record}, "skipped": True}
+        if os.path.isfile(done):
+            return {**{k: record[k] for k in ("seconds", *TIMED_KEYS) if k in record}, "skipped": True}
     os.makedirs(folder, exist_ok=True)
     for name in ("report.json", study_time.SCORE_NAME):
         if os.path.isfile(os.path.join(folder, name)):
