@@ -36,29 +36,34 @@ def run_for(cmd, cwd, log_path, budget, grace):
         # a session of its own: the kill reaches the data-loading workers too, and nothing else
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            try:
-                proc.wait(timeout=budget)
-            except subprocess.TimeoutExpired:
+            if not exited(proc, budget):
                 stopped = "terminated"
                 proc.send_signal(signal.SIGTERM)  # the main process alone: a clean stop must not lose its workers
-                try:
-                    proc.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
+                if not exited(proc, grace):
                     stopped = "killed"
-                    kill_group(proc)
-        except BaseException:  # Ctrl-C or a kill of the study: never leave a training run behind
+            seconds = time.perf_counter() - start
+        finally:  # also on Ctrl-C or a kill of the study: never leave a training run behind
             kill_group(proc)
-            raise
-        seconds = time.perf_counter() - start
-        kill_group(proc)  # workers the main process left behind, if any
     return {"started": started, "seconds": seconds, "stopped": stopped, "returncode": proc.returncode}
 
 
+def exited(proc, timeout, poll=0.05):
+    """Whether `proc` ends within `timeout` seconds. It is left unreaped (WNOWAIT), so its process group id stays
+    its own until kill_group has used it: no other process can be given that id in between."""
+    deadline = time.perf_counter() + timeout
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.perf_counter() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
 def kill_group(proc):
-    """SIGKILL the process group that `proc` leads (started with start_new_session), then reap `proc`."""
+    """SIGKILL what is left of the process group `proc` leads (its data-loading workers, or all of it), then reap
+    `proc`."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # already gone
+    except ProcessLookupError:  # nothing left in the group
         pass
     proc.wait()
 

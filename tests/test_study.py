@@ -68,7 +68,9 @@ def test_a_finished_run_is_stale_when_a_value_changes_not_when_a_default_is_writ
 def test_study_argument_mistakes_are_one_line_errors(tmp_path):
     for argv, words in ((["--variants", "infonce-fixed,nope"], "unknown variant 'nope'"),
                         (["--seeds", "0,x"], "--seeds takes"),
-                        (["--set", "epochs"], "--set takes KEY=VALUE")):
+                        (["--set", "epochs"], "--set takes KEY=VALUE"),
+                        (["--budget-seconds", "0"], "--budget-seconds must be more than 0"),
+                        (["--budget-seconds", "60", "--grace-seconds", "-1"], "--grace-seconds must be 0 or more")):
         with pytest.raises(SystemExit) as e:
             study.main([*argv, "--output", str(tmp_path / "s.json")])
         message = str(e.value)
