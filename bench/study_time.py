@@ -23,6 +23,7 @@ import time
 from engine.checkpoint import load_checkpoint
 from engine.errors import UserError
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where eval.py is run, as train.py is
 NEVER_ENDS = 100_000  # epochs: the cosine schedule then stays at its peak rate after warm-up for any budget here
 SCORE_NAME = "scored.json"  # eval.py's metrics of last.pt, in each run folder
 
@@ -86,15 +87,14 @@ def score(folder, valid_root, cfg):
             "--num-workers", str(cfg["num-workers"])]
     log = os.path.join(folder, "eval.log")
     with open(log, "w", encoding="utf-8") as out:
-        code = subprocess.call([sys.executable, "eval.py", *argv], cwd=os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))), stdout=out, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, "eval.py", *argv], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     if code or not os.path.isfile(os.path.join(folder, SCORE_NAME)):
         raise UserError(f"scoring {folder}/last.pt failed (exit {code}); eval.py's output is in {log}")
 
 
 def read_checkpoint(folder, started):
-    """{"steps", "pairs", "saved_at", "temperature"} of the run's last.pt: what was scored, and when (seconds after the start)
-    it was written, which tells how much of the budget a kill threw away."""
+    """{"steps", "pairs", "saved_at", "temperature"} of the run's last.pt: what was scored, and when it was
+    written (seconds after the start), which tells how much of the budget a kill threw away."""
     path = os.path.join(folder, "last.pt")
     last = load_checkpoint(path)  # the safe loader: a run folder is data too
     steps = int(last["step"])
