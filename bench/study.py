@@ -215,8 +215,8 @@ def parse_args(argv):
                         "relative paths are from the repository root")
     p.add_argument("--train-images", type=int, default=TRAIN_IMAGES,
                    help="training images to write when the study's data is absent (3 captions each)")
-    p.add_argument("--rerun", action="store_true", help="run again even where a run finished before (its report.json, or "
-                                                         "scored.json at equal time)")
+    p.add_argument("--rerun", action="store_true",
+                   help="run again even where a run finished before (its report.json, or scored.json at equal time)")
     p.add_argument("--budget-seconds", type=float, help="equal wall time: train every run for this many seconds "
                                                          "(train.py's start-up included), then stop and score it")
     p.add_argument("--grace-seconds", type=float, default=60.0,

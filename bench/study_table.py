@@ -46,7 +46,8 @@ def table_cells(rows):
     for r in rows:
         line = [r["variant"], ",".join(map(str, r["seeds"])), *(spread(r[name]["values"]) for name in metrics)]
         if timed:
-            line += [spread(r["steps"], 0), spread(r["pairs"], 0), ",".join(r["stopped"]), f"{statistics.fmean(r['saved_at']):.0f}"]
+            line += [spread(r["steps"], 0), spread(r["pairs"], 0), ",".join(r["stopped"]),
+                     f"{statistics.fmean(r['saved_at']):.0f}"]
         else:
             line += ["/".join(sorted(set(map(str, r["steps"])))), "/".join(sorted(set(map(str, r["pairs"])))),
                      ",".join(f"{b}/{e}" for b, e in zip(r["best_epoch"], r["epochs"]))]
