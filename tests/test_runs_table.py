@@ -100,3 +100,23 @@ def test_table_csv_and_markdown_hold_the_same_cells(folders, capsys):
     runs.main(argv)
     text = capsys.readouterr().out.splitlines()
     assert text[0].split()[:3] == ["run", "status", "learning-rate"] and text[3].split()[1:4] == ["not", "a", "run"]
+
+
+def test_an_equal_time_run_is_read_with_the_score_of_its_last_pt(folders, tmp_path):
+    """bench.study --budget-seconds stops a run on the clock and scores its last.pt into scored.json: the table
+    says so and shows that score, where a plain run without report.json would be "interrupted"."""
+    timed = tmp_path / "timed"
+    shutil.copytree(folders / "a", timed)
+    (timed / "report.json").unlink()
+    scored = {"image_to_text": {"R@1": 0.125}, "text_to_image": {"R@1": 0.375}, "rsum": 1.0,
+              "written_by": "eval.py"}
+    (timed / runs.STUDY_SCORE).write_text(json.dumps(scored), encoding="utf-8")
+    record = {"seconds": 90.5, "stopped": "terminated", "returncode": -15}
+    (timed / runs.STUDY_RECORD).write_text(json.dumps(record), encoding="utf-8")
+    row = runs.read_run(str(timed))
+    assert (row["status"], row["report_i2t_R@1"], row["report_t2i_R@1"]) == ("time budget", 0.125, 0.375)
+    assert row["seconds"] == 90.5 and row["missing"] == [] and row["epochs"] == 2
+    # the same folder without the study's clock record is an interrupted run, its eval scores not taken as a report
+    (timed / runs.STUDY_RECORD).unlink()
+    row = runs.read_run(str(timed))
+    assert (row["status"], row["report_i2t_R@1"]) == ("interrupted", None) and "report.json" in row["missing"]

@@ -10,6 +10,8 @@ valid-root), training pairs/s, time, and what is missing. Status is one of:
   finished       report.json is there and every planned epoch was trained
   stopped early  report.json is there after fewer epochs than planned (patience)
   interrupted    no report.json and nobody running: resume it with --load-checkpoint true
+  time budget    bench.study --budget-seconds stopped it on the clock; its R@1 is eval.py's score of its last.pt
+                 (scored.json), not best.pt's
   not a run      none of a run's files (metrics.jsonl, last.pt, report.json)
 
 The files are data, never code: metrics.jsonl and report.json are JSON; the config comes from config.json when
@@ -32,8 +34,10 @@ except ImportError:  # not on Windows: a running run is not detected there
     fcntl = None
 
 FORMATS = ("table", "csv", "markdown", "json")
+TEXT_FORMATS = FORMATS[:3]  # what render() writes; json is each tool's own
 OWN_PATHS = ("last-path", "best-path", "load-path")  # name the run's own files: they differ for every run
 STUDY_RECORD = "study-run.json"  # bench/study.py's record of a run: holds its wall time
+STUDY_SCORE = "scored.json"  # bench/study.py's score of an equal-time run's last.pt (eval.py's metrics)
 
 
 # ---------------------------------------------------------------- reading one folder
@@ -162,6 +166,11 @@ def read_run(folder):
     if report is not None and report.get("written_by") == "eval.py":
         missing.append("report.json (the one there is eval.py's, not the run's)")
         report = None
+    budgeted = dig(study, "stopped") in ("terminated", "killed")  # bench.study's clock ended it
+    if report is None and budgeted:
+        report = read_json(os.path.join(folder, STUDY_SCORE), missing, STUDY_SCORE)
+        if report is not None and "report.json" in missing:
+            missing.remove("report.json")  # an equal-time run has scored.json in its place
     if report is not None:
         row["report_i2t_R@1"] = number(dig(report, "image_to_text", "R@1"))
         row["report_t2i_R@1"] = number(dig(report, "text_to_image", "R@1"))
@@ -173,6 +182,8 @@ def read_run(folder):
     row["planned"] = planned if isinstance(planned, int) else None
     if is_running(folder):
         row["status"] = "running"
+    elif budgeted:
+        row["status"] = "time budget"
     elif report is None:
         row["status"] = "interrupted"
     elif row["planned"] is not None and row["epochs"] < row["planned"]:
@@ -218,7 +229,12 @@ def format_runs(rows, fmt="table"):
     if fmt == "json":
         return json.dumps([{**{k: v for k, v in r.items() if k != "config"},
                             "config": {k: r["config"].get(k) for k in keys}} for r in rows], indent=2, default=str)
-    cells = table_rows(rows, keys)
+    return render(table_rows(rows, keys), fmt)
+
+
+def render(cells, fmt="table"):
+    """Rows of text cells, the first the header, as aligned text, csv or markdown; bench/study.py prints its
+    tables through this too, so a README table from either tool has one shape."""
     if fmt == "csv":
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(cells)
