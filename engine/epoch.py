@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from dataset import normalize
 from engine.errors import UserError
+from engine.runtime import set_rng_state
 from engine.step import cached_step, plain_step
 
 
@@ -32,21 +33,33 @@ class Trainer:
     augment: Optional[Callable] = None
 
 
-def train_one_epoch(t, loader, epoch, show_progress=True):
+def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_step=None):
     """Train on every batch of `loader`; returns the epoch's mean loss and accuracies, speed and data-wait share.
 
     `data_wait_share` is the fraction of the epoch's wall time spent waiting for the loader: near 0 means the
     model is the bottleneck, a large share means more loader workers (or pre-resized images) would help.
+
+    Mid-epoch resume: `progress` is the dict `after_step` was given at the save point (sums so far and this
+    process's RNG state); `loader` must already start after its batches (EpochSampler / ShardLoader resume_at).
+    The RNG state is put back once the loader's iterator exists, since creating it draws from the RNG.
+    `after_step(progress)` runs after every optimizer step; when it returns true the epoch ends there, and the
+    stats say `stopped`.
     """
     t.model.train()
-    totals = {"loss": 0.0, "acc_i2t": 0.0, "acc_t2i": 0.0}
-    steps = samples = skipped = 0
-    waiting = 0.0
+    p = {"steps": 0, "samples": 0, "skipped": 0, "seconds": 0.0, "waiting": 0.0,
+         "totals": {"loss": 0.0, "acc_i2t": 0.0, "acc_t2i": 0.0}}
+    p.update({k: v for k, v in (progress or {}).items() if k in p})
+    p["totals"] = dict(p["totals"])
+    stopped = False
     start = tick = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True)
+    batches = iter(loader)  # here, not lazily in tqdm's loop: the RNG state goes back after this
+    if progress is not None and progress.get("rng") is not None:
+        set_rng_state(progress["rng"])
+    bar = tqdm(batches, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
+               initial=p["steps"], total=len(loader))
     for batch in bar:
-        waiting += time.perf_counter() - tick
-        skipped += batch.pop("skipped")
+        p["waiting"] += time.perf_counter() - tick
+        p["skipped"] += batch.pop("skipped")
         batch = {k: v.to(t.device, non_blocking=True) for k, v in batch.items()}
         images = batch["images"].contiguous(memory_format=torch.channels_last)  # uint8 (B, 3, H, W)
         if t.augment is not None:
@@ -59,23 +72,30 @@ def train_one_epoch(t, loader, epoch, show_progress=True):
             out = plain_step(t.model, t.loss_fn, batch, t.amp, t.scaler)
         loss = out["loss"].item()  # also the step's synchronisation point on CUDA
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss} at epoch {epoch}, step {steps}; stopped without saving, the "
-                                f"last good checkpoint is kept. Lower learning-rate or turn off use-amp.")
+            raise NonFiniteLoss(f"loss became {loss} at epoch {epoch}, step {p['steps']}; stopped without saving, "
+                                f"the last good checkpoint is kept. Lower learning-rate or turn off use-amp.")
         if t.grad_clip:
             t.scaler.unscale_(t.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in t.optimizer.param_groups for p in g["params"]], t.grad_clip)
+            torch.nn.utils.clip_grad_norm_([w for g in t.optimizer.param_groups for w in g["params"]], t.grad_clip)
         t.scaler.step(t.optimizer)
         t.scaler.update()
         t.scheduler.step()
-        steps += 1
-        samples += batch["images"].shape[0] * t.loss_fn.world_size
-        for k in totals:
-            totals[k] += float(out[k].detach())
+        p["steps"] += 1
+        p["samples"] += batch["images"].shape[0] * t.loss_fn.world_size
+        for k in p["totals"]:
+            p["totals"][k] += float(out[k].detach())
+        now = time.perf_counter()
+        p["seconds"], start = p["seconds"] + now - start, now
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{t.scheduler.get_last_lr()[0]:.2e}",
-                        samples_s=f"{samples / (time.perf_counter() - start):.1f}")
-        tick = time.perf_counter()
-    seconds = time.perf_counter() - start
-    stats = {k: v / max(steps, 1) for k, v in totals.items()}
-    stats.update(steps=steps, samples=samples, skipped_images=skipped, lr=t.scheduler.get_last_lr()[0],
-                 samples_per_s=samples / max(seconds, 1e-9), data_wait_share=waiting / max(seconds, 1e-9))
+                        samples_s=f"{p['samples'] / max(p['seconds'], 1e-9):.1f}")
+        if after_step is not None and after_step(p):
+            stopped = True
+            break
+        tick = start = time.perf_counter()
+    bar.close()
+    p["seconds"] += time.perf_counter() - start
+    stats = {k: v / max(p["steps"], 1) for k, v in p["totals"].items()}
+    stats.update(steps=p["steps"], samples=p["samples"], skipped_images=p["skipped"],
+                 lr=t.scheduler.get_last_lr()[0], samples_per_s=p["samples"] / max(p["seconds"], 1e-9),
+                 data_wait_share=p["waiting"] / max(p["seconds"], 1e-9), stopped=stopped)
     return stats

@@ -28,6 +28,7 @@ import torch
 
 import train
 from dataset import PairCollate, image_transform
+from engine import loop
 from engine import shards as shards_module
 from engine.rundir import read_log
 from engine.runtime import rng_state, seed_everything, set_rng_state
@@ -205,7 +206,7 @@ def streaming_args(data, out, *extra):
 def snapshot_before_epoch(epoch_to_copy, source, target):
     """train_one_epoch that first copies the run folder as it stands when `epoch_to_copy` starts: what a run
     killed during that epoch leaves on disk (every file is written at an epoch's end)."""
-    real = train.train_one_epoch
+    real = loop.train_one_epoch
 
     def train_one_epoch(trainer, loader, epoch, **kw):
         if epoch == epoch_to_copy:
@@ -216,7 +217,7 @@ def snapshot_before_epoch(epoch_to_copy, source, target):
 
 def test_streaming_training_resumes_as_an_uninterrupted_run(data, tmp_path, capsys, monkeypatch):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    monkeypatch.setattr(train, "train_one_epoch", snapshot_before_epoch(2, whole, cut))
+    monkeypatch.setattr(loop, "train_one_epoch", snapshot_before_epoch(2, whole, cut))
     train.main(streaming_args(data, whole, "--epochs", "3"))
     monkeypatch.undo()
     ckpt = torch.load(cut / "last.pt", weights_only=False)

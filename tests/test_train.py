@@ -8,6 +8,7 @@ import torch
 import eval as eval_script
 import train
 from engine import epoch as epoch_module
+from engine import loop
 from engine.checkpoint import load_checkpoint
 from tests.helpers import DEMO_EVAL_CONFIG, tiny_train_args
 
@@ -100,7 +101,7 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypa
 
     # Same run, killed during the validation of its last epoch (after epoch 1 was saved) ...
     interrupted = tmp_path / "interrupted"
-    real_evaluate, calls = train.evaluate, []
+    real_evaluate, calls = loop.evaluate, []
 
     def dying_evaluate(*a, **k):
         calls.append(1)
@@ -108,11 +109,11 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real_evaluate(*a, **k)
 
-    monkeypatch.setattr(train, "evaluate", dying_evaluate)
+    monkeypatch.setattr(loop, "evaluate", dying_evaluate)
     with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line and the shell's status 130
         train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--use-augment", "true"))
     assert stopped.value.code == 130
-    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
     assert load_checkpoint(str(interrupted / "last.pt"))["epoch"] == 1
     # ... then resumed: the weights must equal those of the uninterrupted run.
     train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--use-augment", "true",
@@ -173,7 +174,7 @@ def canned_metrics(rsum):
 
 def test_patience_stops_after_epochs_without_a_better_selection_score(tiny_data, tmp_path, monkeypatch):
     scores = iter([1.0, 2.0, 1.5, 1.4, 1.3, 1.2])
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: canned_metrics(next(scores)))
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: canned_metrics(next(scores)))
     history = train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "5", "--patience", "2"))
     lines = [json.loads(s) for s in open(tmp_path / "metrics.jsonl")]
     assert [r["epoch"] for r in lines] == [0, 1, 2, 3]  # best at epoch 1, two epochs without better: stop

@@ -1,0 +1,163 @@
+"""The epoch loop around `engine.epoch.train_one_epoch`: validation, the epoch's save, early stop; and within an
+epoch, saves every few steps or minutes and the clean stop on a scheduler's signal (engine.preempt).
+
+A save within an epoch writes last.pt only (engine.rundir.save_within_epoch): best.pt and metrics.jsonl change
+only at an epoch's end, so the selection score and the curves are those of whole epochs. Such a checkpoint's
+"epoch" is the last finished epoch (what every resume path and `rundir.repair` read), and its "partial" says how
+far into the next one it is: steps done, the sums behind the epoch's mean loss, samples, skipped images. A resume
+continues from the next batch (`resume_position`), with every process's RNG state as it was at the save.
+"""
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from engine import rundir
+from engine.epoch import Trainer, train_one_epoch
+from engine.evaluation import Encoding, evaluate
+from engine.metrics import format_table
+from engine.preempt import StopSignals, stop_message
+from engine.runtime import agree, barrier, broadcast_flag, gather_rng_states
+
+
+def log(rank, message):
+    """Print on rank 0; a note that is None (nothing to say) prints nothing."""
+    if rank == 0 and message:
+        print(message, flush=True)
+
+
+@dataclass
+class Run:
+    """What the loop works with, built by train.py. `model` is unwrapped (its state dict is what is saved);
+    `position` is the sampler or shard loader that takes `set_epoch` and `resume_at`."""
+    cfg: dict
+    rank: int
+    world_size: int
+    model: Any
+    trainer: Trainer
+    loader: Any
+    position: Any
+    tokenizer: Any
+    enc: Encoding
+    select_root: str
+    select_files: Optional[list]
+    select_pairs: list
+    valid_pairs: list
+    text_vocab: str
+    signals: StopSignals
+
+
+def state_of(r, epoch, step, best, best_epoch, rngs, log_line, **more):
+    """The checkpoint dict (engine.checkpoint): plain values and tensors only."""
+    t = r.trainer
+    return {"model": r.model.state_dict(), "loss": t.loss_fn.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "epoch": epoch, "step": step,
+            "best_rsum": best, "best_epoch": best_epoch, "rng": rngs, "config": r.cfg, "metrics": None,
+            "select_files": r.select_files, "log_line": log_line, "text_vocab": r.text_vocab, "partial": None,
+            **more}
+
+
+def resume_position(cfg, ckpt, world_size, start_epoch):
+    """The "partial" of a checkpoint saved within `start_epoch`, when this run can continue it exactly; a note
+    when it cannot (the epoch then starts again from its first batch); (None, None) for an epoch-end checkpoint."""
+    partial = ckpt.get("partial")
+    if not partial or partial.get("epoch") != start_epoch:
+        return None, None
+    old = ckpt["config"]
+    if partial.get("world_size") != world_size or old.get("batch-size") != cfg["batch-size"]:
+        return None, (f"note: {cfg['load-path']} was saved within epoch {start_epoch} by {partial.get('world_size')} "
+                      f"process(es) at batch-size {old.get('batch-size')}; with {world_size} at "
+                      f"{cfg['batch-size']} its position does not carry over, so epoch {start_epoch} starts again")
+    return partial, None
+
+
+class WithinEpoch:
+    """`after_step` for train_one_epoch: saves every few steps or minutes, and the stop on a signal. The epoch
+    loop keeps `epoch`, `best`, `best_epoch`, `history` (the last finished epoch's line) and `replacing` current."""
+
+    def __init__(self, r, steps_per_epoch, replacing):
+        self.r, self.steps_per_epoch, self.replacing = r, steps_per_epoch, replacing
+        self.epoch, self.best, self.best_epoch, self.history = 0, -1.0, None, None
+        self.last_save = time.monotonic()
+
+    def __call__(self, p):
+        r, cfg = self.r, self.r.cfg
+        step = self.epoch * self.steps_per_epoch + p["steps"]
+        every_steps, every_s = cfg["save-every-steps"], cfg["save-every-minutes"] * 60
+        due = (bool(every_steps) and step % every_steps == 0) or \
+            (bool(every_s) and time.monotonic() - self.last_save >= every_s)
+        stop, due = agree([r.signals.requested, due], r.world_size, r.trainer.device)
+        if not stop and (not due or p["steps"] == self.steps_per_epoch):  # the epoch's end saves anyway
+            return False
+        rngs = gather_rng_states(r.world_size)
+        if r.rank == 0:
+            done = {k: p[k] for k in ("steps", "samples", "skipped", "seconds", "waiting", "totals")}
+            state = state_of(r, self.epoch - 1, step, self.best, self.best_epoch, rngs, self.history,
+                             partial={**done, "epoch": self.epoch, "world_size": r.world_size})
+            rundir.save_within_epoch(cfg, state, self.replacing)
+            self.replacing = []
+        barrier()  # no process leaves before the save is done: torchrun would stop rank 0 in the middle of it
+        self.last_save = time.monotonic()
+        if stop:
+            raise stop_message(cfg, r.signals.requested or "a signal to another process", self.epoch, p["steps"],
+                               self.steps_per_epoch, step)
+        return False
+
+
+def run_epochs(r, start_epoch, best, best_epoch, history, replacing, partial=None, rng=None):
+    """Train epochs start_epoch.. (the first from `partial` when given, with this process's `rng` state);
+    returns the last epoch's log line (None when nothing was trained). Raises Stopped after a signal's save."""
+    cfg, rank, world_size = r.cfg, r.rank, r.world_size
+    steps_per_epoch = len(r.loader)
+    saver = WithinEpoch(r, steps_per_epoch, replacing)
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        if r.position is not None:
+            r.position.set_epoch(epoch)
+        progress = None
+        if partial is not None:  # only for the first epoch of a resumed run
+            r.position.resume_at(partial["samples"] // world_size)  # this process's share
+            progress = {**partial, "rng": rng}
+            partial = None
+        saver.epoch, saver.best, saver.best_epoch, saver.history = epoch, best, best_epoch, history
+        stats = train_one_epoch(r.trainer, r.loader, epoch, show_progress=rank == 0, progress=progress,
+                                after_step=saver)
+        stats.pop("stopped")
+        if stats["skipped_images"]:
+            log(rank, f"warning: {stats['skipped_images']} image(s) failed to decode this epoch and were skipped")
+        if rank == 0:
+            selection = evaluate(r.model, r.tokenizer, r.select_root, r.enc, only=r.select_files,
+                                 pairs=r.select_pairs)
+            report = evaluate(r.model, r.tokenizer, cfg["valid-root"], r.enc, pairs=r.valid_pairs) \
+                if cfg["report-every-epoch"] else None
+        rngs = gather_rng_states(world_size)  # after validation, which draws from the RNG too
+        stop = False
+        if rank == 0:
+            print("selection split:\n" + format_table(selection), flush=True)
+            improved = selection["rsum"] > best
+            if improved:
+                best, best_epoch = selection["rsum"], epoch
+            history = {"epoch": epoch, "train": stats, "select": selection, "best": improved}
+            if report is not None:
+                history["valid_not_used_for_selection"] = report
+            state = state_of(r, epoch, (epoch + 1) * steps_per_epoch, best, best_epoch, rngs, history,
+                             metrics=selection)
+            rundir.save_epoch(cfg, state, improved, saver.replacing)
+            saver.replacing = []
+            print(f"epoch {epoch}: loss {stats['loss']:.4f}, selection rsum {selection['rsum']:.4f}"
+                  f"{' (best)' if improved else ''}, {stats['samples_per_s']:.1f} samples/s, "
+                  f"{stats['data_wait_share']:.0%} of the time waiting for data", flush=True)
+            stop = cfg["patience"] is not None and epoch - best_epoch >= cfg["patience"]
+            if stop:
+                print(f"early stop: no better selection rsum for {cfg['patience']} epoch(s) since epoch "
+                      f"{best_epoch}", flush=True)
+        saver.last_save = time.monotonic()
+        stop, signalled = agree([broadcast_flag(stop, world_size), r.signals.requested], world_size,
+                                r.trainer.device)
+        if signalled and epoch + 1 < cfg["epochs"] and not stop:  # saved just now, whole: stop here
+            barrier()
+            raise stop_message(cfg, r.signals.requested or "a signal to another process", epoch + 1, 0,
+                               steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        if stop:
+            break
+        barrier()
+    return history
