@@ -86,7 +86,9 @@ def locked(cfg):
         os.write(fd, str(os.getpid()).encode("ascii"))
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fcntl is not None:  # loader workers forked meanwhile share the lock's open file: unlock it for them too
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def check_paths(cfg):

@@ -14,8 +14,10 @@ in metrics.jsonl and the same weights in last.pt. The comparison is made meaning
 """
 import json
 import os
+import shlex
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import tarfile
@@ -67,8 +69,45 @@ def source_args(data, source):
     return ["--batch-size", str(PAIRS), "--train-shards", data["shards"], "--select-root", data["valid"]]
 
 
+SBATCH = os.path.join(ROOT, "docs", "slurm", "train-multinode.sbatch")
+
+
+def slurm_torchrun(script, train_args, **values):
+    """The torchrun command of a Slurm script (srun's task), its variables replaced by `values` and "$@" by
+    `train_args`: the very line a cluster runs, as argv for this machine's Python."""
+    text = open(script, encoding="utf-8").read().replace("\\\n", " ")  # join continued lines
+    (line,) = [ln for ln in text.splitlines() if "torchrun " in ln and not ln.lstrip().startswith("#")]
+    tokens = shlex.split(line.split("torchrun ", 1)[1].rstrip(" &"))
+    argv = [sys.executable, "-m", "torch.distributed.run"]
+    for token in tokens:
+        if token == "$@":
+            argv += train_args
+        elif token == "train.py":
+            argv.append(os.path.join(ROOT, "train.py"))
+        else:
+            argv.append(string.Template(token).substitute(values))
+    return argv
+
+
+def test_the_slurm_scripts_parse_and_launch_what_the_rehearsal_runs():
+    for script in ("train-1node.sbatch", "train-multinode.sbatch"):
+        path = os.path.join(ROOT, "docs", "slurm", script)
+        assert subprocess.run(["bash", "-n", path]).returncode == 0, script
+        text = open(path, encoding="utf-8").read()
+        # the stop on the time limit, the requeue and the resume that make a requeued job continue
+        for needed in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "trap stop USR1", "kill -TERM",
+                       "scontrol requeue", "--load-checkpoint auto"):
+            assert needed in text, (script, needed)
+    argv = slurm_torchrun(SBATCH, ["--epochs", "1"], NNODES="2", GPUS_PER_NODE="1", RDZV_HOST="127.0.0.1",
+                          RDZV_PORT="1234", RDZV_ID="x")
+    assert argv[3:] == ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                        "127.0.0.1:1234", "--rdzv_id", "x", os.path.join(ROOT, "train.py"), "--load-checkpoint",
+                        "auto", "--epochs", "1"]
+
+
 def launch_two_nodes(train_args, logs, timeout=LAUNCH_TIMEOUT):
-    """Run the README's two-node command as two launchers on 127.0.0.1; [(stdout, stderr)] of each node.
+    """Run the Slurm script's torchrun line (docs/slurm/train-multinode.sbatch) as two launchers on 127.0.0.1, one
+    process each, as two nodes would; [(stdout, stderr)] of each node.
 
     A launcher that fails takes the other down with it (the other would wait at the rendezvous or in a
     collective until its own timeouts), and so does the overall timeout; stderr tails go into the assertion.
@@ -76,10 +115,9 @@ def launch_two_nodes(train_args, logs, timeout=LAUNCH_TIMEOUT):
     port, rdzv_id = free_port(), f"rehearsal-{uuid.uuid4().hex[:12]}"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on two shared cores
     procs, files = [], []
+    cmd = slurm_torchrun(SBATCH, train_args, NNODES="2", GPUS_PER_NODE="1", RDZV_HOST="127.0.0.1",
+                         RDZV_PORT=str(port), RDZV_ID=rdzv_id)
     for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-               "--rdzv_id", rdzv_id, os.path.join(ROOT, "train.py"), *train_args]
         out, err = open(logs / f"node{node}.out", "w+"), open(logs / f"node{node}.err", "w+")
         files.append((out, err))
         # own session: the launcher and the worker it starts are killed together
