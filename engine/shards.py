@@ -45,8 +45,8 @@ import random
 import warnings
 from urllib.parse import urlparse
 
-import webdataset as wds
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataset import resolve_workers

@@ -1,4 +1,4 @@
-"""The README's two-node launch rehearsed on one machine, and streaming training from shards end to end.
+"""The Slurm script's two-node launch rehearsed on one machine, and streaming training from shards end to end.
 
 Two torchrun launchers (one process each, as two nodes would run) meet through a c10d rendezvous on 127.0.0.1
 and train with gloo on the CPU. They must train as one process with the same global batch does: the same loss
@@ -30,8 +30,9 @@ import torch
 
 import train
 from dataset import PairCollate, image_transform
-from engine import loop
+from engine import loop, rundir
 from engine import shards as shards_module
+from engine.checkpoint import load_checkpoint
 from engine.rundir import read_log
 from engine.runtime import rng_state, seed_everything, set_rng_state
 from model import build_model, load_tokenizer
@@ -75,7 +76,8 @@ SBATCH = os.path.join(ROOT, "docs", "slurm", "train-multinode.sbatch")
 def slurm_torchrun(script, train_args, **values):
     """The torchrun command of a Slurm script (srun's task), its variables replaced by `values` and "$@" by
     `train_args`: the very line a cluster runs, as argv for this machine's Python."""
-    text = open(script, encoding="utf-8").read().replace("\\\n", " ")  # join continued lines
+    with open(script, encoding="utf-8") as f:
+        text = f.read().replace("\\\n", " ")  # join continued lines
     (line,) = [ln for ln in text.splitlines() if "torchrun " in ln and not ln.lstrip().startswith("#")]
     tokens = shlex.split(line.split("torchrun ", 1)[1].rstrip(" &"))
     argv = [sys.executable, "-m", "torch.distributed.run"]
@@ -93,7 +95,8 @@ def test_the_slurm_scripts_parse_and_launch_what_the_rehearsal_runs():
     for script in ("train-1node.sbatch", "train-multinode.sbatch"):
         path = os.path.join(ROOT, "docs", "slurm", script)
         assert subprocess.run(["bash", "-n", path]).returncode == 0, script
-        text = open(path, encoding="utf-8").read()
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
         # the stop on the time limit, the requeue and the resume that make a requeued job continue
         for needed in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "trap stop USR1", "kill -TERM",
                        "scontrol requeue", "--load-checkpoint auto"):
@@ -273,6 +276,29 @@ def test_streaming_training_resumes_as_an_uninterrupted_run(data, tmp_path, caps
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 3 * PAIRS // 24
     for name, w in a["model"].items():
         assert torch.equal(w, b["model"][name]), name
+
+
+def test_streaming_resumes_from_the_middle_of_an_epoch_as_an_unbroken_run(data, tmp_path, monkeypatch):
+    """The stream keeps no position: the resumed epoch is read again from its start and the batches already
+    trained on are dropped (engine.shards, "Resume"), which gives the very batches of an unbroken run."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train.main(streaming_args(data, whole, "--epochs", "2"))
+    real = rundir.save_within_epoch
+
+    def save_within_epoch(cfg, state, replacing=()):
+        real(cfg, state, replacing)
+        if state["step"] == 3:  # epoch 1, after its first of 2 steps: what a run killed then leaves
+            shutil.copytree(tmp_path / "run", cut, ignore=shutil.ignore_patterns(".train.lock"))
+    monkeypatch.setattr(rundir, "save_within_epoch", save_within_epoch)
+    train.main(streaming_args(data, tmp_path / "run", "--epochs", "2", "--save-every-steps", "3"))
+    monkeypatch.undo()
+    assert load_checkpoint(str(cut / "last.pt"))["partial"]["steps"] == 1
+    train.main(streaming_args(data, cut, "--epochs", "2", "--load-checkpoint", "auto"))
+    assert [e["train"]["loss"] for e in read_log(cut / "metrics.jsonl")] == \
+        [e["train"]["loss"] for e in read_log(whole / "metrics.jsonl")]
+    a, b = load_checkpoint(str(cut / "last.pt"))["model"], load_checkpoint(str(whole / "last.pt"))["model"]
+    for name, w in a.items():
+        assert torch.equal(w, b[name]), name
 
 
 def test_a_shard_pattern_matching_nothing_is_a_one_line_error(data, tmp_path):

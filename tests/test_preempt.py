@@ -22,7 +22,7 @@ from engine import rundir
 from engine.checkpoint import load_checkpoint
 from engine.errors import STOPPED_EXIT
 from engine.preempt import DUPLICATE_S
-from tests.helpers import ROOT, tiny_train_args
+from tests.helpers import ROOT, free_port, tiny_train_args
 
 # 40 training pairs at batch 8: 5 steps an epoch, 10 in all; crops and colour jitter on, so RNG states matter
 RUN = ("--epochs", "2", "--use-augment", "true")
@@ -123,6 +123,48 @@ def test_load_checkpoint_auto_starts_fresh_without_last_pt(tiny_data, tmp_path, 
     assert load_checkpoint(str(tmp_path / "last.pt"))["epoch"] == 0
 
 
+def two_process_rank(rank, world_size, port, args, signal_step):
+    """One of two gloo processes running train.main(args); rank 1 alone gets SIGTERM at step `signal_step`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    if signal_step and rank == 1:
+        real, calls = epoch_module.plain_step, []
+
+        def plain_step(*a, **k):
+            calls.append(1)
+            if len(calls) == signal_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+        epoch_module.plain_step = plain_step
+    train.main(args)
+
+
+def two_processes(args, signal_step=0):
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=two_process_rank, args=(r, 2, port, args, signal_step)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    return [p.exitcode for p in procs]
+
+
+def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(tiny_data, tmp_path):
+    """Only rank 1 is signalled: both agree to stop after the same step, rank 0 saves once, the resume is exact."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert two_processes(tiny_train_args(tiny_data, whole, *RUN)) == [0, 0]
+    args = tiny_train_args(tiny_data, cut, *RUN, "--load-checkpoint", "auto")
+    # each process takes 4 of the global batch of 8: 5 steps an epoch, as with one process
+    assert two_processes(args, signal_step=STEPS + 2) == [STOPPED_EXIT, STOPPED_EXIT]
+    ckpt = load_checkpoint(str(cut / "last.pt"))
+    assert ckpt["partial"]["epoch"] == 1 and ckpt["partial"]["steps"] == 2 and len(ckpt["rng"]) == 2
+    assert two_processes(args) == [0, 0]
+    assert_same_weights(cut, whole)
+    assert losses(cut) == losses(whole)
+
+
 # ------------------------------------------------------------------------- the stop itself, in a process of its own
 STOPPER = """
 import os, signal, sys, time
@@ -186,7 +228,7 @@ def test_sigterm_at_a_random_moment_then_the_same_command_gives_the_unbroken_run
     proc, err = start(command(tiny_data, cut, processes), tmp_path / "cut.err")
     # a random moment of the first epoch: wait for its progress bar, then a random share of an epoch's time
     deadline = time.monotonic() + 240
-    while "epoch 0:" not in open(tmp_path / "cut.err").read() and proc.poll() is None and \
+    while "epoch 0:" not in (tmp_path / "cut.err").read_text() and proc.poll() is None and \
             time.monotonic() < deadline:
         time.sleep(0.05)
     delay = random.Random().uniform(0, 3)
