@@ -14,6 +14,7 @@ import os
 from engine.config import (ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive,
                            workers)
 from engine.errors import run_entry
+from engine.reporting import report_to_rule
 
 SCHEMA = Schema({
     # run length and optimisation
@@ -86,6 +87,9 @@ SCHEMA = Schema({
                      positive),
     "dist-timeout": (1800, (int,), "seconds a process waits for the others at a collective before it fails",
                      positive),
+    "report-to": ("tensorboard", (str,), "live curves in the run folder: tensorboard, wandb, both as "
+                  "tensorboard,wandb, or none", report_to_rule),
+    "report-every": (10, (int,), "optimizer steps between two points of the per-step curves", positive),
     "overwrite": (False, (bool,), "start afresh over another run's checkpoints and log in the same folder"),
     "device": ("auto", (str,), "auto, cpu or cuda"),
     "seed": (0, (int,), "random seed (each process adds its rank)", between(0, 2**32 - 1025)),
@@ -102,14 +106,12 @@ from engine.augment import color_jitter
 from engine import resume, rundir
 from engine.checkpoint import load_checkpoint, vocab_fingerprint
 from engine.epoch import Trainer
-from engine.evaluation import Encoding, evaluate
-from engine.files import write_json
+from engine.evaluation import Encoding
 from engine.images import ImageLimits
-from engine.metrics import format_table
-from engine.loop import Run, log, resume_position, run_epochs
+from engine.loop import Run, finish, log, resume_position, run_epochs
 from engine.optim import build_optimizer
-from engine.plots import plot_curves
 from engine.preempt import StopSignals
+from engine.reporting import Reporter, parse_targets
 from engine.runtime import amp_context, cleanup_distributed, init_distributed, seed_everything, together
 from engine.sampler import EpochSampler, SeededItems
 from engine.shards import count_pairs, expand_pattern, shard_loader
@@ -197,14 +199,18 @@ def fit(cfg, rank, world_size, device, signals):
             log(rank, f"note: {cfg['load-path']} has trained {start_epoch} epoch(s) and epochs is {cfg['epochs']}: "
                       f"nothing left to train (raise --epochs to train longer); scoring its best.pt again")
 
-    history = run_epochs(r, start_epoch, best, best_epoch, history, replacing, partial, rng)
-
-    # ---------------------------------------------------------------- the report: best.pt on valid-root
-    if rank == 0 and history is not None:
-        history["report"] = final_report(cfg, r.model, r.tokenizer, r.enc, r.valid_pairs)
-        log_file = rundir.log_path(cfg)
-        plot = plot_curves(log_file, rundir.curves_path(cfg))
-        print(f"log: {log_file}; curves: {plot}")
+    start_step = ckpt["step"] if ckpt is not None else 0
+    with together(world_size):  # wandb asked for but not installed: one line, before any training
+        r.reporter = Reporter(parse_targets(cfg["report-to"]) if rank == 0 else [], rundir.run_folder(cfg),
+                              cfg["report-every"], start_step)
+    try:
+        if not start_step:
+            r.reporter.config(cfg)
+        history = run_epochs(r, start_epoch, best, best_epoch, history, replacing, partial, rng)
+        if rank == 0 and history is not None:  # the report: best.pt on valid-root, and the curves
+            finish(r, history, trained=start_epoch < cfg["epochs"])
+    finally:
+        r.reporter.close()
     return history
 
 
@@ -291,25 +297,6 @@ def setup(cfg, rank, world_size, device, signals):
               select_pairs, valid_pairs, text_vocab, signals)
     return run, ckpt
 
-
-
-def final_report(cfg, model, tokenizer, enc, pairs):
-    """Score best.pt (chosen on the selection split, never on this set) on valid-root, whose rows are `pairs`;
-    print and write it."""
-    if not os.path.isfile(cfg["best-path"]):  # resumed into new paths from a run whose best was saved elsewhere
-        print(f"note: no {cfg['best-path']} in this run's files; the report on valid-root is skipped")
-        return None
-    best = load_checkpoint(cfg["best-path"], map_location="cpu")
-    model.load_state_dict(best["model"])
-    report = evaluate(model, tokenizer, cfg["valid-root"], enc, pairs=pairs)
-    print(f"report: {cfg['valid-root']} scored with {cfg['best-path']} (epoch {best['epoch']}, chosen on the "
-          f"selection split)\n" + format_table(report), flush=True)
-    if "one_caption_per_image" in report:
-        print(format_table(report["one_caption_per_image"]), flush=True)
-    report = {**report, "epoch": best["epoch"], "checkpoint": cfg["best-path"], "valid_root": cfg["valid-root"]}
-    path = write_json(rundir.report_path(cfg), report)
-    print(f"report written to {path}")
-    return report
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from dataset import normalize
 from engine.errors import UserError
+from engine.reporting import step_scalars
 from engine.runtime import set_rng_state
 from engine.step import cached_step, plain_step
 
@@ -33,7 +34,8 @@ class Trainer:
     augment: Optional[Callable] = None
 
 
-def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_step=None):
+def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_step=None, reporter=None,
+                    first_step=0):
     """Train on every batch of `loader`; returns the epoch's mean loss and accuracies, speed and data-wait share.
 
     `data_wait_share` is the fraction of the epoch's wall time spent waiting for the loader: near 0 means the
@@ -44,6 +46,10 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
     The RNG state is put back once the loader's iterator exists, since creating it draws from the RNG.
     `after_step(progress)` runs after every optimizer step; when it returns true the epoch ends there, and the
     stats say `stopped`.
+
+    `reporter` (engine.reporting) gets the step's scalars every `report-every` optimizer steps, numbered from
+    `first_step` (the global step before this epoch's first): speed and data wait over the steps since the last
+    report, and the gradient norm before clipping.
     """
     t.model.train()
     p = {"steps": 0, "samples": 0, "skipped": 0, "seconds": 0.0, "waiting": 0.0,
@@ -51,6 +57,8 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
     p.update({k: v for k, v in (progress or {}).items() if k in p})
     p["totals"] = dict(p["totals"])
     stopped = False
+    window = {"samples": 0, "seconds": 0.0, "waiting": 0.0}  # since the last report
+    params = [w for g in t.optimizer.param_groups for w in g["params"]]
     start = tick = time.perf_counter()
     batches = iter(loader)  # here, not lazily in tqdm's loop: the RNG state goes back after this
     if progress is not None and progress.get("rng") is not None:
@@ -59,6 +67,7 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
                initial=p["steps"], total=len(loader))
     for batch in bar:
         p["waiting"] += time.perf_counter() - tick
+        window["waiting"] += time.perf_counter() - tick
         p["skipped"] += batch.pop("skipped")
         batch = {k: v.to(t.device, non_blocking=True) for k, v in batch.items()}
         images = batch["images"].contiguous(memory_format=torch.channels_last)  # uint8 (B, 3, H, W)
@@ -74,9 +83,11 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"loss became {loss} at epoch {epoch}, step {p['steps']}; stopped without saving, "
                                 f"the last good checkpoint is kept. Lower learning-rate or turn off use-amp.")
-        if t.grad_clip:
+        due = reporter is not None and reporter.due(first_step + p["steps"] + 1)
+        norm = None
+        if t.grad_clip or due:  # the norm is measured on unscaled gradients, before clipping; inf clips nothing
             t.scaler.unscale_(t.optimizer)
-            torch.nn.utils.clip_grad_norm_([w for g in t.optimizer.param_groups for w in g["params"]], t.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
         t.scaler.step(t.optimizer)
         t.scaler.update()
         t.scheduler.step()
@@ -85,7 +96,15 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
         for k in p["totals"]:
             p["totals"][k] += float(out[k].detach())
         now = time.perf_counter()
+        window["samples"] += batch["images"].shape[0] * t.loss_fn.world_size
+        window["seconds"] += now - start
         p["seconds"], start = p["seconds"] + now - start, now
+        if due:
+            seconds = max(window["seconds"], 1e-9)
+            reporter.step(first_step + p["steps"], step_scalars(
+                out, t.optimizer, getattr(t.model, "module", t.model), t.loss_fn, norm, window["samples"] / seconds,
+                window["waiting"] / seconds, p["skipped"], t.device))
+            window = {"samples": 0, "seconds": 0.0, "waiting": 0.0}
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{t.scheduler.get_last_lr()[0]:.2e}",
                         samples_s=f"{p['samples'] / max(p['seconds'], 1e-9):.1f}")
         if after_step is not None and after_step(p):
@@ -97,5 +116,5 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
     stats = {k: v / max(p["steps"], 1) for k, v in p["totals"].items()}
     stats.update(steps=p["steps"], samples=p["samples"], skipped_images=p["skipped"],
                  lr=t.scheduler.get_last_lr()[0], samples_per_s=p["samples"] / max(p["seconds"], 1e-9),
-                 data_wait_share=p["waiting"] / max(p["seconds"], 1e-9), stopped=stopped)
+                 data_wait_share=p["waiting"] / max(p["seconds"], 1e-9), seconds=p["seconds"], stopped=stopped)
     return stats

@@ -1,5 +1,6 @@
-"""The epoch loop around `engine.epoch.train_one_epoch`: validation, the epoch's save, early stop; and within an
-epoch, saves every few steps or minutes and the clean stop on a scheduler's signal (engine.preempt).
+"""The epoch loop around `engine.epoch.train_one_epoch`: validation, the epoch's save, early stop; within an
+epoch, saves every few steps or minutes and the clean stop on a scheduler's signal (engine.preempt); and the
+run's end (`finish`): the report set scored with best.pt, the final scores logged, the curves drawn.
 
 A save within an epoch writes last.pt only (engine.rundir.save_within_epoch): best.pt and metrics.jsonl change
 only at an epoch's end, so the selection score and the curves are those of whole epochs. Such a checkpoint's
@@ -7,15 +8,20 @@ only at an epoch's end, so the selection score and the curves are those of whole
 far into the next one it is: steps done, the sums behind the epoch's mean loss, samples, skipped images. A resume
 continues from the next batch (`resume_position`), with every process's RNG state as it was at the save.
 """
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from engine import rundir
+from engine.checkpoint import load_checkpoint
 from engine.epoch import Trainer, train_one_epoch
 from engine.evaluation import Encoding, evaluate
+from engine.files import write_json
 from engine.metrics import format_table
+from engine.plots import plot_curves
 from engine.preempt import StopSignals, stop_message
+from engine.reporting import recall_scalars
 from engine.runtime import agree, barrier, broadcast_flag, gather_rng_states
 
 
@@ -44,6 +50,7 @@ class Run:
     valid_pairs: list
     text_vocab: str
     signals: StopSignals
+    reporter: Any = None  # engine.reporting.Reporter; one without targets on ranks other than 0
 
 
 def state_of(r, epoch, step, best, best_epoch, rngs, log_line, **more):
@@ -90,6 +97,7 @@ class WithinEpoch:
             return False
         rngs = gather_rng_states(r.world_size)
         if r.rank == 0:
+            r.reporter.flush()  # everything logged up to this step is on disk before the checkpoint says so
             done = {k: p[k] for k in ("steps", "samples", "skipped", "seconds", "waiting", "totals")}
             state = state_of(r, self.epoch - 1, step, self.best, self.best_epoch, rngs, self.history,
                              partial={**done, "epoch": self.epoch, "world_size": r.world_size})
@@ -120,7 +128,7 @@ def run_epochs(r, start_epoch, best, best_epoch, history, replacing, partial=Non
             partial = None
         saver.epoch, saver.best, saver.best_epoch, saver.history = epoch, best, best_epoch, history
         stats = train_one_epoch(r.trainer, r.loader, epoch, show_progress=rank == 0, progress=progress,
-                                after_step=saver)
+                                after_step=saver, reporter=r.reporter, first_step=epoch * steps_per_epoch)
         stats.pop("stopped")
         if stats["skipped_images"]:
             log(rank, f"warning: {stats['skipped_images']} image(s) failed to decode this epoch and were skipped")
@@ -139,6 +147,10 @@ def run_epochs(r, start_epoch, best, best_epoch, history, replacing, partial=Non
             history = {"epoch": epoch, "train": stats, "select": selection, "best": improved}
             if report is not None:
                 history["valid_not_used_for_selection"] = report
+            scalars = recall_scalars("select", selection)
+            if report is not None:
+                scalars.update(recall_scalars("report", report))
+            r.reporter.epoch((epoch + 1) * steps_per_epoch, epoch, scalars)  # flushed before the save: see there
             state = state_of(r, epoch, (epoch + 1) * steps_per_epoch, best, best_epoch, rngs, history,
                              metrics=selection)
             rundir.save_epoch(cfg, state, improved, saver.replacing)
@@ -161,3 +173,35 @@ def run_epochs(r, start_epoch, best, best_epoch, history, replacing, partial=Non
             break
         barrier()
     return history
+
+
+def finish(r, history, trained):
+    """The run's end on rank 0: the report set scored with best.pt, the final scores logged (unless a finished run
+    was resumed with nothing to train: they are logged already), the curves drawn."""
+    cfg = r.cfg
+    history["report"] = final_report(cfg, r.model, r.tokenizer, r.enc, r.valid_pairs)
+    if trained:
+        r.reporter.final((history["epoch"] + 1) * len(r.loader), history["report"], cfg,
+                         table=format_table(history["report"]) if history["report"] else "")
+    log_file = rundir.log_path(cfg)
+    plot = plot_curves(log_file, rundir.curves_path(cfg))
+    print(f"log: {log_file}; curves: {plot}")
+
+
+def final_report(cfg, model, tokenizer, enc, pairs):
+    """Score best.pt (chosen on the selection split, never on this set) on valid-root, whose rows are `pairs`;
+    print and write it."""
+    if not os.path.isfile(cfg["best-path"]):  # resumed into new paths from a run whose best was saved elsewhere
+        print(f"note: no {cfg['best-path']} in this run's files; the report on valid-root is skipped")
+        return None
+    best = load_checkpoint(cfg["best-path"], map_location="cpu")
+    model.load_state_dict(best["model"])
+    report = evaluate(model, tokenizer, cfg["valid-root"], enc, pairs=pairs)
+    print(f"report: {cfg['valid-root']} scored with {cfg['best-path']} (epoch {best['epoch']}, chosen on the "
+          f"selection split)\n" + format_table(report), flush=True)
+    if "one_caption_per_image" in report:
+        print(format_table(report["one_caption_per_image"]), flush=True)
+    report = {**report, "epoch": best["epoch"], "checkpoint": cfg["best-path"], "valid_root": cfg["valid-root"]}
+    path = write_json(rundir.report_path(cfg), report)
+    print(f"report written to {path}")
+    return report

@@ -151,7 +151,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_stops_in_its_first_epoch(t
 def test_overwrite_replaces_every_file_of_the_old_run(tiny_data, run, monkeypatch):
     (run / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n')
     (run / "curves.png").write_bytes(b"old")
-    monkeypatch.setattr(train, "plot_curves", lambda log, out: out)  # the new run draws no curves
+    monkeypatch.setattr(loop, "plot_curves", lambda log, out: out)  # the new run draws no curves
     train.main(tiny_train_args(tiny_data, run, "--epochs", "1", "--overwrite", "true", "--seed", "3"))
     assert [e["epoch"] for e in rundir.read_log(str(run / "metrics.jsonl"))] == [0]
     assert not (run / "curves.png").exists()  # the old run's curves are gone with it
