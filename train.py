@@ -31,6 +31,15 @@ SCHEMA = Schema({
                                  "bias, which start random or scalar; null = learning-rate", positive),
     "loss": ("infonce", (str,), "infonce (softmax over the batch) or sigmoid (SigLIP's pairwise loss)",
              one_of("infonce", "sigmoid")),
+    "queue-size": (0, (int,), "earlier steps' pairs kept as extra InfoNCE negatives (global, all processes); 0 = off",
+                   at_least(0)),
+    "queue-warmup": (0, (int,), "optimizer steps before the queue is used (it fills meanwhile)", at_least(0)),
+    "queue-momentum": (None, (float, type(None)), "EMA rate of momentum towers that fill the queue, e.g. 0.995; "
+                       "null = queue the trained towers' own features", lambda v: None if 0 <= v < 1 else
+                       "must be in [0, 1)"),
+    "hard-negative-weight": (0.0, (float,), "weight of VSE++'s max-violation hinge added to InfoNCE; 0 = off",
+                             at_least(0)),
+    "hard-negative-margin": (0.2, (float,), "margin of that hinge, on cosine similarity (VSE++'s value)", positive),
     "temperature": (0.07, (float,), "softmax temperature (initial value when learnable)", positive),
     "learnable-temperature": (False, (bool,), "learn the temperature (scale capped at 100)"),
     "use-amp": (True, (bool,), "CUDA mixed precision (ignored on the CPU)"),
@@ -109,6 +118,7 @@ from engine.epoch import Trainer
 from engine.evaluation import Encoding
 from engine.images import ImageLimits
 from engine.loop import Run, finish, log, resume_position, run_epochs
+from engine.momentum import MomentumTowers
 from engine.optim import build_optimizer
 from engine.preempt import StopSignals
 from engine.reporting import Reporter, parse_targets
@@ -152,6 +162,11 @@ def run(argv):
     if cfg["batch-size"] % world_size:
         raise ConfigError(f"batch-size {cfg['batch-size']} does not divide over {world_size} processes; "
                           f"use a multiple of {world_size}")
+    if cfg["loss"] == "sigmoid" and (cfg["queue-size"] or cfg["hard-negative-weight"]):
+        raise ConfigError("queue-size and hard-negative-weight work with loss infonce only; set them to 0 or use "
+                          "--loss infonce")
+    if cfg["queue-momentum"] is not None and not cfg["queue-size"]:
+        raise ConfigError("queue-momentum sets the towers that fill the feature queue; give queue-size too")
     if cfg["train-shards"] and cfg["select-root"] is None:
         raise ConfigError("train-shards needs a select-root folder to choose best.pt on (a stream cannot hold "
                           "images out); prepare one with tools.prepare_data")
@@ -181,7 +196,7 @@ def fit(cfg, rank, world_size, device, signals):
         with together(world_size):
             start_epoch, best, best_epoch = resume.restore(ckpt, cfg["load-path"], r.model, r.trainer.loss_fn,
                                                            r.trainer.optimizer, r.trainer.scheduler,
-                                                           r.trainer.scaler, rank)
+                                                           r.trainer.scaler, rank, r.trainer.momentum)
         history = ckpt.get("log_line")  # the last finished epoch's line: a save within the next one keeps it
         partial, note = resume_position(cfg, ckpt, world_size, start_epoch)
         rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else None
@@ -283,14 +298,18 @@ def setup(cfg, rank, world_size, device, signals):
         loader = make_loader(SeededItems(train_set), local_batch, cfg["num-workers"], device, sampler=position,
                              collate_fn=collate, drop_last=True)
     unwrapped = model
+    # EMA copies of the towers fill the queue (engine.momentum); copied before DDP wraps the model
+    momentum = MomentumTowers(model, cfg["queue-momentum"]) if cfg["queue-momentum"] is not None else None
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- loss and optimizer
-    loss_fn = make_loss(cfg["loss"], rank, world_size).to(device)  # the sigmoid loss owns a learnable bias
+    loss_fn = make_loss(cfg["loss"], rank, world_size, dim=unwrapped.dim, queue_size=cfg["queue-size"],
+                        queue_warmup=cfg["queue-warmup"], hard_weight=cfg["hard-negative-weight"],
+                        hard_margin=cfg["hard-negative-margin"]).to(device)  # the sigmoid loss owns a bias
     optimizer, scheduler, scaler = build_optimizer(unwrapped, cfg, cfg["epochs"] * len(loader), device, [loss_fn])
     trainer = Trainer(model, loss_fn, optimizer, scheduler, scaler, amp, device, cfg["micro-batch-size"],
-                      cfg["grad-clip"], augment=color_jitter if cfg["use-augment"] else None)
+                      cfg["grad-clip"], augment=color_jitter if cfg["use-augment"] else None, momentum=momentum)
     enc = Encoding(cfg["image-size"], max_length, local_batch, cfg["num-workers"], device, amp, limits)
 
     run = Run(cfg, rank, world_size, unwrapped, trainer, loader, position, tokenizer, enc, select_root, select_files,

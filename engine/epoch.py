@@ -32,6 +32,7 @@ class Trainer:
     micro_batch: Optional[int] = None
     grad_clip: Optional[float] = None
     augment: Optional[Callable] = None
+    momentum: Optional[torch.nn.Module] = None  # engine.momentum.MomentumTowers filling the loss's feature queue
 
 
 def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_step=None, reporter=None,
@@ -76,9 +77,9 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
         batch["images"] = normalize(images)  # uint8 -> the model's float input
         t.optimizer.zero_grad(set_to_none=True)
         if t.micro_batch and t.micro_batch < batch["images"].shape[0]:
-            out = cached_step(t.model, t.loss_fn, batch, t.micro_batch, t.amp, t.scaler)
+            out = cached_step(t.model, t.loss_fn, batch, t.micro_batch, t.amp, t.scaler, momentum=t.momentum)
         else:
-            out = plain_step(t.model, t.loss_fn, batch, t.amp, t.scaler)
+            out = plain_step(t.model, t.loss_fn, batch, t.amp, t.scaler, momentum=t.momentum)
         loss = out["loss"].item()  # also the step's synchronisation point on CUDA
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"loss became {loss} at epoch {epoch}, step {p['steps']}; stopped without saving, "

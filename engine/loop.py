@@ -60,6 +60,7 @@ def state_of(r, epoch, step, best, best_epoch, rngs, log_line, **more):
             "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "epoch": epoch, "step": step,
             "best_rsum": best, "best_epoch": best_epoch, "rng": rngs, "config": r.cfg, "metrics": None,
             "select_files": r.select_files, "log_line": log_line, "text_vocab": r.text_vocab, "partial": None,
+            "momentum": t.momentum.state_dict() if t.momentum is not None else None,
             **more}
 
 

@@ -5,6 +5,7 @@ Every comparison is bit for bit: the folder loader's order and crops follow (see
 (engine.sampler), a checkpoint within an epoch holds every process's RNG state and the epoch's running sums, so
 a stopped and resumed run computes exactly what an unbroken one does.
 """
+import math
 import os
 import random
 import shutil
@@ -255,3 +256,43 @@ def test_a_user_error_on_rank_0_ends_both_ranks_with_one_line(tiny_data, tmp_pat
     errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
     assert rc == 1 and len(errors) == 1 and "already exists from another run" in errors[0], text[-3000:]
     assert "train.py\", line" not in text, text[-3000:]  # no traceback from any rank
+
+
+QUEUE = ("--queue-size", "16", "--queue-momentum", "0.9", "--hard-negative-weight", "0.5", "--queue-warmup", "2")
+
+
+def test_the_feature_queue_momentum_towers_and_hard_negatives_train_and_resume_exactly(tiny_data, tmp_path,
+                                                                                       monkeypatch):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train.main(tiny_train_args(tiny_data, whole, *RUN, *QUEUE))
+    ckpt = load_checkpoint(str(whole / "last.pt"))
+    assert int(ckpt["loss"]["queue.pushes"]) == 2 * STEPS and int(ckpt["loss"]["queue.filled"]) == 16
+    assert (ckpt["loss"]["queue.ids"] >= 0).all()  # every slot holds a queued pair
+    # the momentum copies moved away from the trained towers (0.9 of the way behind them each step)
+    model = ckpt["model"]
+    moved = [n for n, w in model.items() if w.is_floating_point() and not torch.equal(ckpt["momentum"]["towers." + n], w)]
+    assert len(moved) > 10
+    assert all(math.isfinite(loss) for _, loss, _ in losses(whole))
+
+    args = tiny_train_args(tiny_data, cut, *RUN, *QUEUE, "--load-checkpoint", "auto")
+    signal_at_step(monkeypatch, STEPS + 2)
+    with pytest.raises(SystemExit):
+        train.main(args)
+    monkeypatch.undo()
+    assert int(load_checkpoint(str(cut / "last.pt"))["loss"]["queue.pushes"]) == STEPS + 2
+    train.main(args)
+    assert_same_weights(cut, whole)
+    assert losses(cut) == losses(whole)
+    a, b = load_checkpoint(str(cut / "last.pt")), ckpt
+    for name in b["momentum"]:
+        assert torch.equal(a["momentum"][name], b["momentum"][name]), name
+    for name in b["loss"]:
+        assert torch.equal(a["loss"][name], b["loss"][name]), name
+
+
+def test_a_resume_that_adds_momentum_towers_is_refused_in_one_line(tiny_data, tmp_path):
+    train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1", "--queue-size", "16"))
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--queue-size", "16", "--queue-momentum",
+                                   "0.9", "--load-checkpoint", "true", "--load-path", str(tmp_path / "last.pt")))
+    assert str(e.value.code).startswith("error: ") and "queue-momentum null" in str(e.value.code)
