@@ -53,7 +53,7 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
     report, and the gradient norm before clipping.
     """
     t.model.train()
-    p = {"steps": 0, "samples": 0, "skipped": 0, "seconds": 0.0, "waiting": 0.0,
+    p = {"steps": 0, "samples": 0, "skipped": 0, "skipped_files": [], "seconds": 0.0, "waiting": 0.0,
          "totals": {"loss": 0.0, "acc_i2t": 0.0, "acc_t2i": 0.0}}
     p.update({k: v for k, v in (progress or {}).items() if k in p})
     p["totals"] = dict(p["totals"])
@@ -70,6 +70,9 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
         p["waiting"] += time.perf_counter() - tick
         window["waiting"] += time.perf_counter() - tick
         p["skipped"] += batch.pop("skipped")
+        if batch.get("skipped_files"):  # the same bad file comes back once per caption row: count it once
+            p["skipped_files"] = sorted(set(p["skipped_files"]).union(batch["skipped_files"]))
+        batch.pop("skipped_files", None)
         batch = {k: v.to(t.device, non_blocking=True) for k, v in batch.items()}
         images = batch["images"].contiguous(memory_format=torch.channels_last)  # uint8 (B, 3, H, W)
         if t.augment is not None:
@@ -116,6 +119,7 @@ def train_one_epoch(t, loader, epoch, show_progress=True, progress=None, after_s
     p["seconds"] += time.perf_counter() - start
     stats = {k: v / max(p["steps"], 1) for k, v in p["totals"].items()}
     stats.update(steps=p["steps"], samples=p["samples"], skipped_images=p["skipped"],
+                 skipped_file_names=p["skipped_files"],
                  lr=t.scheduler.get_last_lr()[0], samples_per_s=p["samples"] / max(p["seconds"], 1e-9),
                  data_wait_share=p["waiting"] / max(p["seconds"], 1e-9), seconds=p["seconds"], stopped=stopped)
     return stats

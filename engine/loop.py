@@ -22,7 +22,7 @@ from engine.metrics import format_table
 from engine.plots import plot_curves
 from engine.preempt import StopSignals, stop_message
 from engine.reporting import recall_scalars
-from engine.runtime import agree, barrier, broadcast_flag, gather_rng_states
+from engine.runtime import agree, barrier, broadcast_flag, gather_objects, gather_rng_states
 
 
 def log(rank, message):
@@ -99,7 +99,7 @@ class WithinEpoch:
         rngs = gather_rng_states(r.world_size)
         if r.rank == 0:
             r.reporter.flush()  # everything logged up to this step is on disk before the checkpoint says so
-            done = {k: p[k] for k in ("steps", "samples", "skipped", "seconds", "waiting", "totals")}
+            done = {k: p[k] for k in ("steps", "samples", "skipped", "skipped_files", "seconds", "waiting", "totals")}
             state = state_of(r, self.epoch - 1, step, self.best, self.best_epoch, rngs, self.history,
                              partial={**done, "epoch": self.epoch, "world_size": r.world_size})
             rundir.save_within_epoch(cfg, state, self.replacing)
@@ -110,6 +110,22 @@ class WithinEpoch:
             raise stop_message(cfg, r.signals.requested or "a signal to another process", self.epoch, p["steps"],
                                self.steps_per_epoch, step)
         return False
+
+
+def warn_skipped(stats, rank, world_size):
+    """Sum the epoch's decoding failures over the processes into `stats` (skipped_images: failures,
+    skipped_files: distinct files, folder data only) and warn once about them on rank 0."""
+    names = stats.pop("skipped_file_names")
+    counts = gather_objects((stats["skipped_images"], names), world_size)
+    stats["skipped_images"] = sum(c for c, _ in counts)
+    files = len(set().union(*(n for _, n in counts)))
+    stats["skipped_files"] = files
+    if files:  # folder data: a bad file is met once per caption row that reaches it
+        log(rank, f"warning: {files} image file(s) failed to decode this epoch and were skipped "
+                  f"({stats['skipped_images']} skips: one per caption row that met a bad file)")
+    elif stats["skipped_images"]:  # shards name no files
+        log(rank, f"warning: {stats['skipped_images']} undecodable image(s) skipped this epoch (counted each time "
+                  f"the stream reads one)")
 
 
 def run_epochs(r, start_epoch, best, best_epoch, history, replacing, partial=None, rng=None):
@@ -131,8 +147,7 @@ def run_epochs(r, start_epoch, best, best_epoch, history, replacing, partial=Non
         stats = train_one_epoch(r.trainer, r.loader, epoch, show_progress=rank == 0, progress=progress,
                                 after_step=saver, reporter=r.reporter, first_step=epoch * steps_per_epoch)
         stats.pop("stopped")
-        if stats["skipped_images"]:
-            log(rank, f"warning: {stats['skipped_images']} image(s) failed to decode this epoch and were skipped")
+        warn_skipped(stats, rank, world_size)
         if rank == 0:
             selection = evaluate(r.model, r.tokenizer, r.select_root, r.enc, only=r.select_files,
                                  pairs=r.select_pairs)

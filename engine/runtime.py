@@ -145,13 +145,18 @@ def together(world_size):
     raise PeerError(f"rank {first}: {messages[first]}")  # rank 0 prints another rank's reason
 
 
+def gather_objects(value, world_size):
+    """[value of rank 0, rank 1, ...] on every process (small picklable values)."""
+    if world_size == 1:
+        return [value]
+    out = [None] * world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def gather_rng_states(world_size):
     """Every process's RNG state, so a resumed multi-process run continues each stream where it stopped."""
-    if world_size == 1:
-        return [rng_state()]
-    out = [None] * world_size
-    dist.all_gather_object(out, rng_state())
-    return out
+    return gather_objects(rng_state(), world_size)
 
 
 def run_process(argv, timeout, **popen_kwargs):

@@ -323,7 +323,9 @@ def test_a_corrupt_shard_member_is_skipped_and_counted(data, tmp_path, capsys):
     assert entry["train"]["steps"] == PAIRS // 24  # the epoch completed
     # counted each time the stream passes the member (24 times here): the shard is read round after round
     assert entry["train"]["skipped_images"] >= 1
-    assert "image(s) failed to decode this epoch and were skipped" in capsys.readouterr().out
+    assert f"warning: {entry['train']['skipped_images']} undecodable image(s) skipped this epoch (counted each " \
+        "time the stream reads one)" in capsys.readouterr().out
+    assert entry["train"]["skipped_files"] == 0  # a stream names no files
 
 
 def test_an_epoch_of_shards_is_one_pass_over_its_pairs(data):

@@ -185,3 +185,25 @@ def test_patience_stops_after_epochs_without_a_better_selection_score(tiny_data,
 def test_holding_out_every_image_is_refused(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="select-images 24 would hold out all 24 images"):
         train.main(tiny_train_args(tiny_data, tmp_path, "--select-images", "24"))
+
+
+def test_the_skip_warning_counts_bad_files_once_and_says_how_often_they_were_met(tiny_data, tmp_path, capsys):
+    """Each training image has 2 caption rows: a bad file is met by both, and a row whose file fails goes on to
+    the next row, which may hold the same file. The warning counts 2 files, and says how many skips there were."""
+    from dataset import hold_out, read_captions
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data / "train", root)
+    pairs = read_captions(str(root))
+    held = set(hold_out(sorted({n for n, _ in pairs}), 4, 0))  # as train.py holds out select-images 4, seed 0
+    rows = [n for n, _ in pairs if n not in held]  # the training rows, in the dataset's order
+    bad = sorted(set(rows))[:2]
+    for name in bad:
+        (root / "images" / name).write_bytes(b"not an image")
+    # every row is trained on once (40 rows, 5 batches of 8): the skips of row i are the bad rows from i on
+    skips = sum(next(k for k in range(len(rows)) if rows[(i + k) % len(rows)] not in bad) for i in range(len(rows)))
+    assert skips > 2 * len(bad) - 1  # more skips than files: what the old warning counted
+    train.main(tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--train-root", str(root)))
+    (entry,) = [json.loads(s) for s in open(tmp_path / "run" / "metrics.jsonl")]
+    assert entry["train"]["skipped_files"] == 2 and entry["train"]["skipped_images"] == skips
+    assert f"warning: 2 image file(s) failed to decode this epoch and were skipped ({skips} skips: one per caption " \
+           "row that met a bad file)" in capsys.readouterr().out
