@@ -55,10 +55,17 @@ def quiet_on_other_ranks(error):
     return isinstance(error, same_everywhere)
 
 
+# how gloo's transport says that the other end of a collective is gone (it raises a plain RuntimeError)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "/gloo/transport/")
+
+
 def collective_failure(error):
     """True for the error torch.distributed raises when another process died or a collective timed out."""
     dist = sys.modules.get("torch.distributed")
-    return dist is not None and isinstance(error, getattr(dist, "DistError", ()))
+    if dist is None:
+        return False
+    return isinstance(error, getattr(dist, "DistError", ())) or \
+        (type(error) is RuntimeError and any(mark in str(error) for mark in PEER_GONE))
 
 
 def user_errors():

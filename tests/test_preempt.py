@@ -124,8 +124,9 @@ def test_load_checkpoint_auto_starts_fresh_without_last_pt(tiny_data, tmp_path, 
     assert load_checkpoint(str(tmp_path / "last.pt"))["epoch"] == 0
 
 
-def two_process_rank(rank, world_size, port, args, signal_step):
-    """One of two gloo processes running train.main(args); rank 1 alone gets SIGTERM at step `signal_step`."""
+def two_process_rank(rank, world_size, port, args, signal_step, die=False):
+    """One of two gloo processes running train.main(args); rank 1 alone gets SIGTERM at step `signal_step`
+    (or, with `die`, ends there outright with status 3, as a crashed process does)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -135,16 +136,18 @@ def two_process_rank(rank, world_size, port, args, signal_step):
         def plain_step(*a, **k):
             calls.append(1)
             if len(calls) == signal_step:
+                if die:
+                    os._exit(3)
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*a, **k)
         epoch_module.plain_step = plain_step
     train.main(args)
 
 
-def two_processes(args, signal_step=0):
+def two_processes(args, signal_step=0, die=False):
     ctx = torch.multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=two_process_rank, args=(r, 2, port, args, signal_step)) for r in range(2)]
+    procs = [ctx.Process(target=two_process_rank, args=(r, 2, port, args, signal_step, die)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -296,3 +299,12 @@ def test_a_resume_that_adds_momentum_towers_is_refused_in_one_line(tiny_data, tm
         train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--queue-size", "16", "--queue-momentum",
                                    "0.9", "--load-checkpoint", "true", "--load-path", str(tmp_path / "last.pt")))
     assert str(e.value.code).startswith("error: ") and "queue-momentum null" in str(e.value.code)
+
+
+def test_a_process_that_dies_outright_ends_the_other_with_one_line(tiny_data, tmp_path, capfd):
+    assert two_processes(tiny_train_args(tiny_data, tmp_path, *RUN), signal_step=3, die=True) == [1, 3]
+    err = capfd.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: another process of this run stopped or stopped "
+                                                     "answering"), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
