@@ -40,7 +40,7 @@ class EpochSampler(Sampler):
         seeds = torch.randint(0, 2**62, (self.size,), generator=g)[:len(order)]  # (N,) one per position
         mine = slice(self.rank + self.start * self.world_size, None, self.world_size)
         self.start = 0
-        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
+        return iter(zip(order[mine].tolist(), seeds[mine].tolist(), strict=True))
 
 
 class SeededItems(Dataset):
