@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 from engine.errors import DataError
 from engine.images import CROP_RATIO, CROP_SCALE, DEFAULT_LIMITS, open_image
+from engine.skips import Skips
 from model import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -210,9 +211,8 @@ def hold_out(image_files, count, seed):
 class PairDataset(Dataset):
     """One item per caption row: (uint8 image tensor, caption, image id, skipped). Same image file -> same id.
 
-    With `strict=False` (training) an image that fails to decode is skipped: the next row whose image
-    decodes takes its place and `skipped` counts the failures, so a long run does not stop for one bad file
-    and every batch (and every process's share of it) keeps its size.
+    With `strict=False` (training) an image that fails to decode is skipped: the next decodable row takes its
+    place and `skipped` counts the failures (engine.skips); a run never stops for one bad file, batches keep size.
     """
 
     MAX_SKIPS = 16
@@ -244,8 +244,8 @@ class PairDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i):
-        for skipped in range(self.MAX_SKIPS):
-            j = (i + skipped) % len(self.pairs)
+        for attempt in range(self.MAX_SKIPS):
+            j = (i + attempt) % len(self.pairs)
             name, caption = self.pairs[j]
             try:
                 image = open_image(os.path.join(self.root, "images", name), True, self.min_size, self.random_crop,
@@ -256,7 +256,8 @@ class PairDataset(Dataset):
                 # named once per loader process (Python shows a warning text once); the epoch line counts them
                 warnings.warn(f"training skips an image: {e}", stacklevel=2)
                 continue
-            return self.transform(image), caption, self.image_ids[j], skipped
+            failed = [self.pairs[(i + k) % len(self.pairs)][0] for k in range(attempt)]  # every row before j
+            return self.transform(image), caption, self.image_ids[j], Skips(failed)
         raise DataError(f"{self.MAX_SKIPS} images in a row failed to decode in {self.root}/images/ "
                         f"(from {self.pairs[i][0]}); check the files")
 
@@ -295,7 +296,7 @@ def collate_decoded(items):
 
 
 class PairCollate:
-    """Stack images, tokenise the batch's captions, sum the skipped-image counts."""
+    """Stack images, tokenise the batch's captions, sum the skipped-image counts and list their files."""
 
     def __init__(self, tokenizer, max_length):
         self.tokenizer = tokenizer
@@ -307,7 +308,7 @@ class PairCollate:
         return {"images": torch.stack(images),  # (B, 3, H, W) uint8
                 "input_ids": input_ids, "attention_mask": attention_mask,  # (B, T)
                 "image_ids": torch.tensor(ids, dtype=torch.long),  # (B,)
-                "skipped": sum(skipped)}
+                "skipped": sum(skipped), "skipped_files": [n for s in skipped for n in getattr(s, "files", ())]}
 
 
 def resolve_workers(num_workers):
@@ -324,7 +325,6 @@ def make_loader(dataset, batch_size, num_workers, device, shuffle=False, sampler
                 drop_last=False):
     workers = resolve_workers(num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, collate_fn=collate_fn, drop_last=drop_last,
-                      pin_memory=torch.device(device).type == "cuda",
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      num_workers=workers, collate_fn=collate_fn, drop_last=drop_last, persistent_workers=workers > 0,
+                      pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if workers > 0 else None)
 

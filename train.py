@@ -14,6 +14,7 @@ import os
 from engine.config import (ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive,
                            workers)
 from engine.errors import run_entry
+from engine.reporting import report_to_rule
 
 SCHEMA = Schema({
     # run length and optimisation
@@ -30,6 +31,15 @@ SCHEMA = Schema({
                                  "bias, which start random or scalar; null = learning-rate", positive),
     "loss": ("infonce", (str,), "infonce (softmax over the batch) or sigmoid (SigLIP's pairwise loss)",
              one_of("infonce", "sigmoid")),
+    "queue-size": (0, (int,), "earlier steps' pairs kept as extra InfoNCE negatives (global, all processes); 0 = off",
+                   at_least(0)),
+    "queue-warmup": (0, (int,), "optimizer steps before the queue is used (it fills meanwhile)", at_least(0)),
+    "queue-momentum": (None, (float, type(None)), "EMA rate of momentum towers that fill the queue, e.g. 0.995; "
+                       "null = queue the trained towers' own features", lambda v: None if 0 <= v < 1 else
+                       "must be in [0, 1)"),
+    "hard-negative-weight": (0.0, (float,), "weight of VSE++'s max-violation hinge added to InfoNCE; 0 = off",
+                             at_least(0)),
+    "hard-negative-margin": (0.2, (float,), "margin of that hinge, on cosine similarity (VSE++'s value)", positive),
     "temperature": (0.07, (float,), "softmax temperature (initial value when learnable)", positive),
     "learnable-temperature": (False, (bool,), "learn the temperature (scale capped at 100)"),
     "use-amp": (True, (bool,), "CUDA mixed precision (ignored on the CPU)"),
@@ -72,10 +82,23 @@ SCHEMA = Schema({
                      one_of("first", "mean")),
     "load-pretrained": (True, (bool,), "start from ImageNet / text-model weights"),
     # checkpoints and run
-    "load-checkpoint": (False, (bool,), "resume from load-path"),
+    "load-checkpoint": (False, (bool, str), "resume from load-path; auto: from last-path when it exists, else "
+                        "start fresh (a requeued job's same command)",
+                        lambda v: None if isinstance(v, bool) or v == "auto" else "must be true, false or auto"),
     "load-path": ("checkpoints/last.pt", (str,), "checkpoint to resume from"),
     "best-path": ("checkpoints/best.pt", (str,), "best checkpoint by validation rsum"),
     "last-path": ("checkpoints/last.pt", (str,), "checkpoint written every epoch"),
+    "save-every-steps": (0, (int,), "also write last.pt every this many optimizer steps within an epoch; 0 = off",
+                         at_least(0)),
+    "save-every-minutes": (0.0, (float,), "also write last.pt every this many minutes within an epoch; 0 = off",
+                           at_least(0)),
+    "stop-timeout": (90.0, (float,), "seconds a stop on SIGTERM/SIGUSR1 may take to save before exiting without",
+                     positive),
+    "dist-timeout": (1800, (int,), "seconds a process waits for the others at a collective before it fails",
+                     positive),
+    "report-to": ("tensorboard", (str,), "live curves in the run folder: tensorboard, wandb, both as "
+                  "tensorboard,wandb, or none", report_to_rule),
+    "report-every": (10, (int,), "optimizer steps between two points of the per-step curves", positive),
     "overwrite": (False, (bool,), "start afresh over another run's checkpoints and log in the same folder"),
     "device": ("auto", (str,), "auto, cpu or cuda"),
     "seed": (0, (int,), "random seed (each process adds its rank)", between(0, 2**32 - 1025)),
@@ -85,31 +108,25 @@ if __name__ == "__main__":  # a config mistake or --help is answered before torc
     run_entry(load_config, SCHEMA, None, "configs/train.yaml", "Train an image-text retrieval model.")
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 
 from dataset import (DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, normalise_name,
                      read_captions)
 from engine.augment import color_jitter
 from engine import resume, rundir
 from engine.checkpoint import load_checkpoint, vocab_fingerprint
-from engine.epoch import Trainer, train_one_epoch
-from engine.evaluation import Encoding, evaluate
-from engine.files import write_json
+from engine.epoch import Trainer
+from engine.evaluation import Encoding
 from engine.images import ImageLimits
-from engine.metrics import format_table
+from engine.loop import Run, finish, log, resume_position, run_epochs
+from engine.momentum import MomentumTowers
 from engine.optim import build_optimizer
-from engine.plots import plot_curves
-from engine.runtime import (amp_context, barrier, broadcast_flag, cleanup_distributed, gather_rng_states,
-                            init_distributed, seed_everything)
+from engine.preempt import StopSignals
+from engine.reporting import Reporter, parse_targets
+from engine.runtime import amp_context, cleanup_distributed, init_distributed, seed_everything, together
+from engine.sampler import EpochSampler, SeededItems
 from engine.shards import count_pairs, expand_pattern, shard_loader
 from loss import make_loss
 from model import build_model, load_tokenizer, text_length_limit
-
-
-def log(rank, message):
-    """Print on rank 0; a note that is None (nothing to say) prints nothing."""
-    if rank == 0 and message:
-        print(message, flush=True)
 
 
 def stored_text_model(name):
@@ -135,28 +152,86 @@ def selection_split(cfg, pairs, ckpt):
 def run(argv):
     # ---------------------------------------------------------------- config and processes
     cfg = load_config(SCHEMA, argv, "configs/train.yaml", "Train an image-text retrieval model.")
-    rank, world_size, device = init_distributed(cfg["device"])
+    rank, world_size, device = init_distributed(cfg["device"], cfg["dist-timeout"])
+    if cfg["load-checkpoint"] == "auto":  # the same command starts a run and continues it after a stop
+        cfg["load-checkpoint"] = os.path.isfile(cfg["last-path"])
+        cfg["load-path"] = cfg["last-path"] if cfg["load-checkpoint"] else cfg["load-path"]
+        log(rank, f"load-checkpoint auto: {'resuming from' if cfg['load-checkpoint'] else 'no'} {cfg['last-path']}"
+                  f"{'' if cfg['load-checkpoint'] else ' yet: starting fresh'}")
     log(rank, "config:\n" + format_config(cfg))
     if cfg["batch-size"] % world_size:
         raise ConfigError(f"batch-size {cfg['batch-size']} does not divide over {world_size} processes; "
                           f"use a multiple of {world_size}")
+    if cfg["loss"] == "sigmoid" and (cfg["queue-size"] or cfg["hard-negative-weight"]):
+        raise ConfigError("queue-size and hard-negative-weight work with loss infonce only; set them to 0 or use "
+                          "--loss infonce")
+    if cfg["queue-momentum"] is not None and not cfg["queue-size"]:
+        raise ConfigError("queue-momentum sets the towers that fill the feature queue; give queue-size too")
     if cfg["train-shards"] and cfg["select-root"] is None:
         raise ConfigError("train-shards needs a select-root folder to choose best.pt on (a stream cannot hold "
                           "images out); prepare one with tools.prepare_data")
     rundir.check_paths(cfg)  # before the lock, which creates the run folder
     # one run at a time on these files: a second one fails at once instead of interleaving their writes
-    with rundir.locked(cfg) if rank == 0 else contextlib.nullcontext():
-        return fit(cfg, rank, world_size, device)
+    with rundir.locked(cfg) if rank == 0 else contextlib.nullcontext(), StopSignals(cfg["stop-timeout"]) as signals:
+        return fit(cfg, rank, world_size, device, signals)
 
 
-def fit(cfg, rank, world_size, device):
-    """The run itself, with its folder locked: data, model, loss, optimizer, resume, the epoch loop, the report."""
-    local_batch = cfg["batch-size"] // world_size
+def fit(cfg, rank, world_size, device, signals):
+    """The run itself, with its folder locked: data, model, loss, optimizer, resume, the epoch loop, the report.
+    Each `together` block ends every process when one of them meets a user error (engine.runtime)."""
     replacing = []  # another run's files that --overwrite replaces, once this run has an epoch to save
-    if rank == 0:
-        note, replacing = rundir.prepare(cfg)  # before any data is read: never start over another run's files
+    with together(world_size):
+        if rank == 0:
+            note, replacing = rundir.prepare(cfg)  # before any data is read: never start over another run's files
+            log(rank, note)
+            if cfg["demo-data"]:
+                from tools.demo import make_demo
+                make_demo(cfg["train-root"], cfg["valid-root"], cfg["text-model"], seed=cfg["seed"])
+    with together(world_size):
+        r, ckpt = setup(cfg, rank, world_size, device, signals)
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, best, best_epoch, history, partial, rng = 0, -1.0, None, None, None, None
+    if ckpt is not None:
+        with together(world_size):
+            start_epoch, best, best_epoch = resume.restore(ckpt, cfg["load-path"], r.model, r.trainer.loss_fn,
+                                                           r.trainer.optimizer, r.trainer.scheduler,
+                                                           r.trainer.scaler, rank, r.trainer.momentum)
+        history = ckpt.get("log_line")  # the last finished epoch's line: a save within the next one keeps it
+        partial, note = resume_position(cfg, ckpt, world_size, start_epoch)
+        rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else None
         log(rank, note)
-    barrier()
+        if rank == 0:
+            rundir.discard(replacing)  # resumed from another run's checkpoint into these files: theirs go now
+            replacing = []
+            for note in rundir.repair(cfg, ckpt):
+                log(rank, f"note: {note}")
+        if start_epoch < cfg["epochs"]:
+            at = f", step {partial['steps']} of {len(r.loader)}" if partial else ""
+            log(rank, f"resumed from {cfg['load-path']} at epoch {start_epoch}{at}")
+        else:  # a finished run, or one killed while writing its report: write the report as the run's end does
+            history = history or {"epoch": ckpt["epoch"]}
+            log(rank, f"note: {cfg['load-path']} has trained {start_epoch} epoch(s) and epochs is {cfg['epochs']}: "
+                      f"nothing left to train (raise --epochs to train longer); scoring its best.pt again")
+
+    start_step = ckpt["step"] if ckpt is not None else 0
+    with together(world_size):  # wandb asked for but not installed: one line, before any training
+        r.reporter = Reporter(parse_targets(cfg["report-to"]) if rank == 0 else [], rundir.run_folder(cfg),
+                              cfg["report-every"], start_step)
+    try:
+        if not start_step:
+            r.reporter.config(cfg)
+        history = run_epochs(r, start_epoch, best, best_epoch, history, replacing, partial, rng)
+        if rank == 0 and history is not None:  # the report: best.pt on valid-root, and the curves
+            finish(r, history, trained=start_epoch < cfg["epochs"])
+    finally:
+        r.reporter.close()
+    return history
+
+
+def setup(cfg, rank, world_size, device, signals):
+    """Checkpoint, data, model, loss and optimizer: (Run, the checkpoint to resume or None)."""
+    local_batch = cfg["batch-size"] // world_size
     # onto the CPU: load_state_dict copies each tensor to its parameter's device, and RNG states must stay there
     ckpt = load_checkpoint(cfg["load-path"], map_location="cpu") if cfg["load-checkpoint"] else None
     if ckpt is not None:  # a model or optimizer that the checkpoint does not fit is refused before any data
@@ -169,10 +244,6 @@ def fit(cfg, rank, world_size, device):
     seed_everything(cfg["seed"] + rank)
 
     # ---------------------------------------------------------------- data
-    if cfg["demo-data"] and rank == 0:
-        from tools.demo import make_demo
-        make_demo(cfg["train-root"], cfg["valid-root"], cfg["text-model"], seed=cfg["seed"])
-    barrier()
     cfg["text-model"] = stored_text_model(cfg["text-model"])
     tokenizer = load_tokenizer(cfg["text-model"])
     text_vocab = vocab_fingerprint(tokenizer)  # stored, so a resume can check its text model
@@ -214,7 +285,7 @@ def fit(cfg, rank, world_size, device):
                               world_size, samples, cfg["seed"], shuffle_buffer=cfg["shuffle-buffer"],
                               min_size=cfg["image-size"],
                               pin_memory=device.type == "cuda", random_crop=cfg["use-augment"], limits=limits)
-        epochs_of = loader  # set_epoch reseeds the shard order and the shuffles
+        position = loader  # set_epoch reseeds the shard order and the shuffles; resume_at skips batches
     else:
         train_set = PairDataset(cfg["train-root"], transform, strict=False, min_size=cfg["image-size"],
                                 random_crop=cfg["use-augment"], limits=limits, pairs=pairs, exclude=select_files or ())
@@ -222,104 +293,29 @@ def fit(cfg, rank, world_size, device):
             held = f" after holding out {len(select_files)} images for selection" if select_files else ""
             raise DataError(f"{cfg['train-root']} has {len(train_set)} training pairs{held}, fewer than one batch "
                             f"({cfg['batch-size']}); lower batch-size{' or select-images' if held else ''}")
-        sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg["seed"], drop_last=True) \
-            if world_size > 1 else None
-        loader = make_loader(train_set, local_batch, cfg["num-workers"], device, shuffle=True, sampler=sampler,
+        # order and crops follow (seed, epoch, position) alone: a resume within an epoch is exact (engine.sampler)
+        position = EpochSampler(len(train_set), rank, world_size, cfg["seed"])
+        loader = make_loader(SeededItems(train_set), local_batch, cfg["num-workers"], device, sampler=position,
                              collate_fn=collate, drop_last=True)
-        epochs_of = sampler
     unwrapped = model
+    # EMA copies of the towers fill the queue (engine.momentum); copied before DDP wraps the model
+    momentum = MomentumTowers(model, cfg["queue-momentum"]) if cfg["queue-momentum"] is not None else None
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- loss and optimizer
-    loss_fn = make_loss(cfg["loss"], rank, world_size).to(device)  # the sigmoid loss owns a learnable bias
+    loss_fn = make_loss(cfg["loss"], rank, world_size, dim=unwrapped.dim, queue_size=cfg["queue-size"],
+                        queue_warmup=cfg["queue-warmup"], hard_weight=cfg["hard-negative-weight"],
+                        hard_margin=cfg["hard-negative-margin"]).to(device)  # the sigmoid loss owns a bias
     optimizer, scheduler, scaler = build_optimizer(unwrapped, cfg, cfg["epochs"] * len(loader), device, [loss_fn])
     trainer = Trainer(model, loss_fn, optimizer, scheduler, scaler, amp, device, cfg["micro-batch-size"],
-                      cfg["grad-clip"], augment=color_jitter if cfg["use-augment"] else None)
+                      cfg["grad-clip"], augment=color_jitter if cfg["use-augment"] else None, momentum=momentum)
     enc = Encoding(cfg["image-size"], max_length, local_batch, cfg["num-workers"], device, amp, limits)
 
-    # ---------------------------------------------------------------- resume
-    start_epoch, best, best_epoch, history = 0, -1.0, None, None
-    if ckpt is not None:
-        start_epoch, best, best_epoch = resume.restore(ckpt, cfg["load-path"], unwrapped, loss_fn, optimizer,
-                                                       scheduler, scaler, rank)
-        if rank == 0:
-            rundir.discard(replacing)  # resumed from another run's checkpoint into these files: theirs go now
-            replacing = []
-            for note in rundir.repair(cfg, ckpt):
-                log(rank, f"note: {note}")
-        if start_epoch < cfg["epochs"]:
-            log(rank, f"resumed from {cfg['load-path']} at epoch {start_epoch}")
-        else:  # a finished run, or one killed while writing its report: write the report as the run's end does
-            history = ckpt.get("log_line", {"epoch": ckpt["epoch"]})
-            log(rank, f"note: {cfg['load-path']} has trained {start_epoch} epoch(s) and epochs is {cfg['epochs']}: "
-                      f"nothing left to train (raise --epochs to train longer); scoring its best.pt again")
+    run = Run(cfg, rank, world_size, unwrapped, trainer, loader, position, tokenizer, enc, select_root, select_files,
+              select_pairs, valid_pairs, text_vocab, signals)
+    return run, ckpt
 
-    # ---------------------------------------------------------------- epoch loop
-    for epoch in range(start_epoch, cfg["epochs"]):
-        if epochs_of is not None:
-            epochs_of.set_epoch(epoch)
-        stats = train_one_epoch(trainer, loader, epoch, show_progress=rank == 0)
-        if stats["skipped_images"]:
-            log(rank, f"warning: {stats['skipped_images']} image(s) failed to decode this epoch and were skipped")
-        if rank == 0:
-            selection = evaluate(unwrapped, tokenizer, select_root, enc, only=select_files, pairs=select_pairs)
-            report = evaluate(unwrapped, tokenizer, cfg["valid-root"], enc, pairs=valid_pairs) \
-                if cfg["report-every-epoch"] else None
-        rngs = gather_rng_states(world_size)  # after validation, which draws from the RNG too
-        stop = False
-        if rank == 0:
-            print("selection split:\n" + format_table(selection), flush=True)
-            improved = selection["rsum"] > best
-            if improved:
-                best, best_epoch = selection["rsum"], epoch
-            history = {"epoch": epoch, "train": stats, "select": selection, "best": improved}
-            if report is not None:
-                history["valid_not_used_for_selection"] = report
-            state = {"model": unwrapped.state_dict(), "loss": loss_fn.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": (epoch + 1) * len(loader),
-                     "best_rsum": best, "best_epoch": best_epoch, "rng": rngs, "config": cfg, "metrics": selection,
-                     "select_files": select_files, "log_line": history, "text_vocab": text_vocab}
-            rundir.save_epoch(cfg, state, improved, replacing)
-            replacing = []
-            print(f"epoch {epoch}: loss {stats['loss']:.4f}, selection rsum {selection['rsum']:.4f}"
-                  f"{' (best)' if improved else ''}, {stats['samples_per_s']:.1f} samples/s, "
-                  f"{stats['data_wait_share']:.0%} of the time waiting for data", flush=True)
-            stop = cfg["patience"] is not None and epoch - best_epoch >= cfg["patience"]
-            if stop:
-                print(f"early stop: no better selection rsum for {cfg['patience']} epoch(s) since epoch "
-                      f"{best_epoch}", flush=True)
-        if broadcast_flag(stop, world_size):
-            break
-        barrier()
-
-    # ---------------------------------------------------------------- the report: best.pt on valid-root
-    if rank == 0 and history is not None:
-        history["report"] = final_report(cfg, unwrapped, tokenizer, enc, valid_pairs)
-        log_file = rundir.log_path(cfg)
-        plot = plot_curves(log_file, rundir.curves_path(cfg))
-        print(f"log: {log_file}; curves: {plot}")
-    return history
-
-
-def final_report(cfg, model, tokenizer, enc, pairs):
-    """Score best.pt (chosen on the selection split, never on this set) on valid-root, whose rows are `pairs`;
-    print and write it."""
-    if not os.path.isfile(cfg["best-path"]):  # resumed into new paths from a run whose best was saved elsewhere
-        print(f"note: no {cfg['best-path']} in this run's files; the report on valid-root is skipped")
-        return None
-    best = load_checkpoint(cfg["best-path"], map_location="cpu")
-    model.load_state_dict(best["model"])
-    report = evaluate(model, tokenizer, cfg["valid-root"], enc, pairs=pairs)
-    print(f"report: {cfg['valid-root']} scored with {cfg['best-path']} (epoch {best['epoch']}, chosen on the "
-          f"selection split)\n" + format_table(report), flush=True)
-    if "one_caption_per_image" in report:
-        print(format_table(report["one_caption_per_image"]), flush=True)
-    report = {**report, "epoch": best["epoch"], "checkpoint": cfg["best-path"], "valid_root": cfg["valid-root"]}
-    path = write_json(rundir.report_path(cfg), report)
-    print(f"report written to {path}")
-    return report
 
 
 def main(argv=None):

@@ -24,8 +24,6 @@ import json
 import os
 import uuid
 
-import torch
-
 from engine.config import ConfigError
 from engine.files import atomic_write
 
@@ -69,6 +67,7 @@ def step_scalars(out, optimizer, model, loss_fn, grad_norm=None, pairs_per_s=Non
     """{tag: number} for one optimizer step. `out` is the loss dict of the step; `model` the unwrapped model;
     `grad_norm` the norm before clipping (clip_grad_norm_'s return value); the speed figures over the steps since
     the last report. Items given as None are left out."""
+    import torch  # here, not at the top: train.py reads report_to_rule from this module before torch loads
     scalars = {f"train/{k}": float(out[k].detach()) for k in ("loss", "acc_i2t", "acc_t2i") if k in out}
     for i, group in enumerate(optimizer.param_groups):
         scalars[f"train/lr/group{i}"] = float(group["lr"])

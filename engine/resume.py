@@ -18,12 +18,14 @@ from model import load_tokenizer
 # They define the model's parameters and buffers or the optimizer's parameter groups (a frozen tower is not in
 # them; the temperature is a parameter when learnable, else a buffer that the checkpoint's value would replace).
 MODEL_KEYS = ("image-model", "text-pooling", "loss", "learnable-temperature", "freeze-image", "freeze-text",
-              "freeze-bn")
-LEGACY = {"loss": "infonce", "text-pooling": "first"}  # what checkpoints from before these keys existed used
+              "freeze-bn", "queue-size")  # the queue's size is the shape of the loss's buffers
+# what checkpoints from before these keys existed used
+LEGACY = {"loss": "infonce", "text-pooling": "first", "queue-size": 0, "queue-momentum": None}
 # They change the numbers, not the shapes: a resumed run may change them, and is told it did.
 NOTE_KEYS = ("epochs", "batch-size", "learning-rate", "projection-learning-rate", "weight-decay", "warmup-steps",
              "grad-clip", "use-amp", "amp-dtype", "use-augment", "image-size", "max-length", "train-root",
-             "train-shards", "samples-per-epoch", "select-root", "select-images", "seed")
+             "train-shards", "samples-per-epoch", "select-root", "select-images", "seed", "queue-warmup",
+             "queue-momentum", "hard-negative-weight", "hard-negative-margin")
 # AdamW's state holds each group's rate and decay: loading it puts the checkpoint's values back
 KEPT_BY_OPTIMIZER = ("learning-rate", "projection-learning-rate", "weight-decay")
 
@@ -45,6 +47,8 @@ def check_config(cfg, ckpt, path):
     if "projection-learning-rate" in old and (old["projection-learning-rate"] is None) != \
             (cfg["projection-learning-rate"] is None):  # a head rate makes groups of their own
         keys.append("projection-learning-rate")
+    if (old.get("queue-momentum") is None) != (cfg["queue-momentum"] is None):  # momentum towers exist or not
+        keys.append("queue-momentum")
     for key in keys:
         stored = old.get(key, LEGACY.get(key))
         if (key in old or key in LEGACY) and stored != cfg[key]:
@@ -79,12 +83,14 @@ def check_text_model(cfg, ckpt, path, fingerprint):
     return None
 
 
-def restore(ckpt, path, model, loss_fn, optimizer, scheduler, scaler, rank):
+def restore(ckpt, path, model, loss_fn, optimizer, scheduler, scaler, rank, momentum=None):
     """Put the checkpoint's state into the run's objects; returns (first epoch to train, best rsum, its epoch)."""
     try:
         model.load_state_dict(ckpt["model"])
         loss_fn.load_state_dict(ckpt.get("loss", {}))
         optimizer.load_state_dict(ckpt["optimizer"])
+        if momentum is not None:
+            momentum.load_state_dict(ckpt["momentum"])
     except (RuntimeError, ValueError, KeyError) as e:  # a shape or group that check_config could not see
         raise CheckpointError(f"the state in {path} does not fit this run's model or optimizer "
                               f"({str(e).splitlines()[0][:160]}); resume with the model settings of that run, or "

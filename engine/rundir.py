@@ -7,6 +7,9 @@ Each epoch is saved in this order:
   2. best.pt, when the epoch is the best so far (the same state);
   3. the epoch's line appended to metrics.jsonl.
 Each file is written atomically (engine.files), so a kill leaves either the old or the new version of a file.
+A save within an epoch (`save_within_epoch`, engine.loop) writes last.pt alone: its "epoch" stays the last
+finished one and its "log_line" that epoch's line, so everything below holds for it too, and best.pt and the log
+move only at an epoch's end.
 On resume from last.pt (epoch e), `repair` brings the other two in line with it: the log is cut back to epochs
 <= e and completed with epoch e's line if that append was lost; best.pt is rewritten from last.pt if epoch e
 was the best and its best.pt write was lost. Temporaries a killed writer left are removed at start.
@@ -83,7 +86,9 @@ def locked(cfg):
         os.write(fd, str(os.getpid()).encode("ascii"))
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fcntl is not None:  # loader workers forked meanwhile share the lock's open file: unlock it for them too
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def check_paths(cfg):
@@ -153,6 +158,12 @@ def save_epoch(cfg, state, improved, replacing=()):
     append_log(log_path(cfg), state["log_line"])
 
 
+def save_within_epoch(cfg, state, replacing=()):
+    """Save last.pt in the middle of an epoch (`state["partial"]` says where); best.pt and the log stay."""
+    discard(replacing, keep=(cfg["last-path"],))
+    save_checkpoint(cfg["last-path"], **state)
+
+
 def append_log(path, entry):
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
@@ -181,14 +192,14 @@ def repair(cfg, ckpt):
     path = log_path(cfg)
     entries = read_log(path)
     kept = [e for e in entries if e.get("epoch", -1) < epoch]
-    if "log_line" in ckpt:  # epoch e's line, whether or not its append survived
+    if ckpt.get("log_line") is not None:  # epoch e's line, whether or not its append survived
         kept.append(ckpt["log_line"])
     else:  # a checkpoint from before log lines were stored: keep what the log has for epoch e
         kept += [e for e in entries if e.get("epoch") == epoch][:1]
     if [e.get("epoch") for e in kept] != [e.get("epoch") for e in entries]:
         notes.append(f"{LOG_NAME} set back to epoch {epoch} to match {cfg['load-path']}")
     atomic_write(path, lambda f: f.writelines(json.dumps(e) + "\n" for e in kept))
-    if ckpt.get("best_epoch") == epoch:
+    if ckpt.get("best_epoch") == epoch and not ckpt.get("partial"):  # a save within an epoch has other weights
         best = load_checkpoint(cfg["best-path"]) if os.path.isfile(cfg["best-path"]) else None
         if best is None or best.get("epoch") != epoch:
             save_checkpoint(cfg["best-path"], **ckpt)

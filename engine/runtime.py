@@ -1,5 +1,6 @@
 """Where a run executes: device choice, mixed precision, seeding and RNG state, and torchrun's process group."""
 import contextlib
+import datetime
 import os
 import random
 import subprocess
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.errors import UserError
+from engine.errors import PeerError, UserError, user_errors
 
 
 class DeviceError(UserError, ValueError):
@@ -71,10 +72,11 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(cuda.cpu())  # onto the current device, set by resolve_device
 
 
-def init_distributed(device_name):
+def init_distributed(device_name, timeout_s=1800):
     """Start the process group when launched by torchrun (RANK/WORLD_SIZE set); else a plain single process.
 
-    Returns (rank, world_size, device). NCCL on CUDA, gloo on the CPU.
+    Returns (rank, world_size, device). NCCL on CUDA, gloo on the CPU. A collective that waits longer than
+    `timeout_s` for another process (one that died, or hangs) fails instead of waiting forever.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, resolve_device(device_name)
@@ -82,7 +84,8 @@ def init_distributed(device_name):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(device_name, local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world_size, device
 
 
@@ -105,13 +108,55 @@ def broadcast_flag(flag, world_size):
     return box[0]
 
 
+def agree(flags, world_size, device):
+    """Each flag true on any process, on every process: one small all-reduce (e.g. "a stop signal came")."""
+    if world_size == 1:
+        return [bool(f) for f in flags]
+    box = torch.tensor([int(bool(f)) for f in flags], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in box.tolist()]
+
+
+@contextlib.contextmanager
+def together(world_size):
+    """Run the body on every process, then agree: when it raised a user error on any process, every process
+    raises, rank 0 with the first failing rank's message and the others a quiet PeerError (engine.errors), so
+    no process waits at a later collective for one that has left. With one process, a plain block."""
+    if world_size == 1:
+        yield
+        return
+    message = None
+    try:
+        yield
+    except user_errors() as e:
+        message = str(e)
+        failed = e
+    else:
+        failed = None
+    messages = [None] * world_size
+    dist.all_gather_object(messages, message)
+    first = next((r for r, m in enumerate(messages) if m is not None), None)
+    if first is None:
+        return
+    if dist.get_rank() != 0:
+        raise PeerError(messages[first]) from None
+    if failed is not None:
+        raise failed
+    raise PeerError(f"rank {first}: {messages[first]}")  # rank 0 prints another rank's reason
+
+
+def gather_objects(value, world_size):
+    """[value of rank 0, rank 1, ...] on every process (small picklable values)."""
+    if world_size == 1:
+        return [value]
+    out = [None] * world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def gather_rng_states(world_size):
     """Every process's RNG state, so a resumed multi-process run continues each stream where it stopped."""
-    if world_size == 1:
-        return [rng_state()]
-    out = [None] * world_size
-    dist.all_gather_object(out, rng_state())
-    return out
+    return gather_objects(rng_state(), world_size)
 
 
 def run_process(argv, timeout, **popen_kwargs):

@@ -30,10 +30,11 @@ valid image id, and an image that fails to decode are skipped and counted: the c
 shards hold no readable sample at all, or whose images fail to decode MAX_BAD_IN_A_ROW times in a row,
 stops with a ShardError instead of looping forever.
 
-Resume. The stream keeps no position inside an epoch. Checkpoints are written at the end of an epoch, so a
-resumed run starts at the next epoch; a run stopped part-way through an epoch reads that epoch again from its
-start, and with the same seed, world size and worker count it gets the same shard order and shuffle (both are
-seeded by the epoch), so the pairs it had already seen come back in the same order.
+Resume. The stream is the same for the same (seed, epoch, world size, worker count): the shard order and both
+shuffles are seeded by the epoch, and each loader worker reseeds torch's generator (random crops) from them when
+the epoch starts. So a run resumed in the middle of an epoch (`ShardLoader.resume_at`) reads that epoch again from
+its start and drops the batches it had already trained on: it then trains on exactly the batches an unbroken run
+does, at the cost of reading and decoding the dropped ones again (the stream keeps no cheaper position).
 """
 import functools
 import io
@@ -44,6 +45,7 @@ import random
 import warnings
 from urllib.parse import urlparse
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -209,6 +211,8 @@ class ShardStream(IterableDataset):
         if not shards or quota == 0:
             return
         seed = f"{self.seed}:{epoch}:{self.rank}:{worker}"
+        if info is not None:  # a worker's crops follow the epoch, not what the (persistent) worker drew before
+            torch.manual_seed(random.Random(seed).getrandbits(63))
         order_rng = random.Random(seed + ":shards") if self.shuffle_buffer else None
         order = list(shards)  # round 0 in the epoch's order (rank_shards); later rounds reshuffled
         counts, pending, produced, round_no = _Counts(), [], 0, 0
@@ -252,12 +256,20 @@ class ShardLoader:
         self.loader = loader
         self.batches_per_rank = batches_per_rank
         self.num_workers = loader.num_workers
+        self.skip = 0
 
     def set_epoch(self, epoch):
         self.stream.epoch.value = epoch
 
+    def resume_at(self, samples):
+        """Make the next iteration drop this process's first `samples` pairs (whole batches) of the epoch."""
+        self.skip = samples // self.stream.batch_size
+
     def __iter__(self):
-        return iter(self.loader)
+        batches, skip, self.skip = iter(self.loader), self.skip, 0
+        for _ in range(skip):  # read and dropped: see "Resume" in the module docstring
+            next(batches)
+        return batches
 
     def __len__(self):
         if self.batches_per_rank is None:

@@ -1,4 +1,4 @@
-"""The README's two-node launch rehearsed on one machine, and streaming training from shards end to end.
+"""The Slurm script's two-node launch rehearsed on one machine, and streaming training from shards end to end.
 
 Two torchrun launchers (one process each, as two nodes would run) meet through a c10d rendezvous on 127.0.0.1
 and train with gloo on the CPU. They must train as one process with the same global batch does: the same loss
@@ -14,8 +14,10 @@ in metrics.jsonl and the same weights in last.pt. The comparison is made meaning
 """
 import json
 import os
+import shlex
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import tarfile
@@ -28,7 +30,9 @@ import torch
 
 import train
 from dataset import PairCollate, image_transform
+from engine import loop, rundir
 from engine import shards as shards_module
+from engine.checkpoint import load_checkpoint
 from engine.rundir import read_log
 from engine.runtime import rng_state, seed_everything, set_rng_state
 from model import build_model, load_tokenizer
@@ -66,8 +70,47 @@ def source_args(data, source):
     return ["--batch-size", str(PAIRS), "--train-shards", data["shards"], "--select-root", data["valid"]]
 
 
+SBATCH = os.path.join(ROOT, "docs", "slurm", "train-multinode.sbatch")
+
+
+def slurm_torchrun(script, train_args, **values):
+    """The torchrun command of a Slurm script (srun's task), its variables replaced by `values` and "$@" by
+    `train_args`: the very line a cluster runs, as argv for this machine's Python."""
+    with open(script, encoding="utf-8") as f:
+        text = f.read().replace("\\\n", " ")  # join continued lines
+    (line,) = [ln for ln in text.splitlines() if "torchrun " in ln and not ln.lstrip().startswith("#")]
+    tokens = shlex.split(line.split("torchrun ", 1)[1].rstrip(" &"))
+    argv = [sys.executable, "-m", "torch.distributed.run"]
+    for token in tokens:
+        if token == "$@":
+            argv += train_args
+        elif token == "train.py":
+            argv.append(os.path.join(ROOT, "train.py"))
+        else:
+            argv.append(string.Template(token).substitute(values))
+    return argv
+
+
+def test_the_slurm_scripts_parse_and_launch_what_the_rehearsal_runs():
+    for script in ("train-1node.sbatch", "train-multinode.sbatch"):
+        path = os.path.join(ROOT, "docs", "slurm", script)
+        assert subprocess.run(["bash", "-n", path]).returncode == 0, script
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        # the stop on the time limit, the requeue and the resume that make a requeued job continue
+        for needed in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "trap stop USR1", "kill -TERM",
+                       "scontrol requeue", "--load-checkpoint auto"):
+            assert needed in text, (script, needed)
+    argv = slurm_torchrun(SBATCH, ["--epochs", "1"], NNODES="2", GPUS_PER_NODE="1", RDZV_HOST="127.0.0.1",
+                          RDZV_PORT="1234", RDZV_ID="x")
+    assert argv[3:] == ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                        "127.0.0.1:1234", "--rdzv_id", "x", os.path.join(ROOT, "train.py"), "--load-checkpoint",
+                        "auto", "--epochs", "1"]
+
+
 def launch_two_nodes(train_args, logs, timeout=LAUNCH_TIMEOUT):
-    """Run the README's two-node command as two launchers on 127.0.0.1; [(stdout, stderr)] of each node.
+    """Run the Slurm script's torchrun line (docs/slurm/train-multinode.sbatch) as two launchers on 127.0.0.1, one
+    process each, as two nodes would; [(stdout, stderr)] of each node.
 
     A launcher that fails takes the other down with it (the other would wait at the rendezvous or in a
     collective until its own timeouts), and so does the overall timeout; stderr tails go into the assertion.
@@ -75,10 +118,9 @@ def launch_two_nodes(train_args, logs, timeout=LAUNCH_TIMEOUT):
     port, rdzv_id = free_port(), f"rehearsal-{uuid.uuid4().hex[:12]}"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on two shared cores
     procs, files = [], []
+    cmd = slurm_torchrun(SBATCH, train_args, NNODES="2", GPUS_PER_NODE="1", RDZV_HOST="127.0.0.1",
+                         RDZV_PORT=str(port), RDZV_ID=rdzv_id)
     for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-               "--rdzv_id", rdzv_id, os.path.join(ROOT, "train.py"), *train_args]
         out, err = open(logs / f"node{node}.out", "w+"), open(logs / f"node{node}.err", "w+")
         files.append((out, err))
         # own session: the launcher and the worker it starts are killed together
@@ -205,7 +247,7 @@ def streaming_args(data, out, *extra):
 def snapshot_before_epoch(epoch_to_copy, source, target):
     """train_one_epoch that first copies the run folder as it stands when `epoch_to_copy` starts: what a run
     killed during that epoch leaves on disk (every file is written at an epoch's end)."""
-    real = train.train_one_epoch
+    real = loop.train_one_epoch
 
     def train_one_epoch(trainer, loader, epoch, **kw):
         if epoch == epoch_to_copy:
@@ -216,7 +258,7 @@ def snapshot_before_epoch(epoch_to_copy, source, target):
 
 def test_streaming_training_resumes_as_an_uninterrupted_run(data, tmp_path, capsys, monkeypatch):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    monkeypatch.setattr(train, "train_one_epoch", snapshot_before_epoch(2, whole, cut))
+    monkeypatch.setattr(loop, "train_one_epoch", snapshot_before_epoch(2, whole, cut))
     train.main(streaming_args(data, whole, "--epochs", "3"))
     monkeypatch.undo()
     ckpt = torch.load(cut / "last.pt", weights_only=False)
@@ -234,6 +276,29 @@ def test_streaming_training_resumes_as_an_uninterrupted_run(data, tmp_path, caps
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 3 * PAIRS // 24
     for name, w in a["model"].items():
         assert torch.equal(w, b["model"][name]), name
+
+
+def test_streaming_resumes_from_the_middle_of_an_epoch_as_an_unbroken_run(data, tmp_path, monkeypatch):
+    """The stream keeps no position: the resumed epoch is read again from its start and the batches already
+    trained on are dropped (engine.shards, "Resume"), which gives the very batches of an unbroken run."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train.main(streaming_args(data, whole, "--epochs", "2"))
+    real = rundir.save_within_epoch
+
+    def save_within_epoch(cfg, state, replacing=()):
+        real(cfg, state, replacing)
+        if state["step"] == 3:  # epoch 1, after its first of 2 steps: what a run killed then leaves
+            shutil.copytree(tmp_path / "run", cut, ignore=shutil.ignore_patterns(".train.lock"))
+    monkeypatch.setattr(rundir, "save_within_epoch", save_within_epoch)
+    train.main(streaming_args(data, tmp_path / "run", "--epochs", "2", "--save-every-steps", "3"))
+    monkeypatch.undo()
+    assert load_checkpoint(str(cut / "last.pt"))["partial"]["steps"] == 1
+    train.main(streaming_args(data, cut, "--epochs", "2", "--load-checkpoint", "auto"))
+    assert [e["train"]["loss"] for e in read_log(cut / "metrics.jsonl")] == \
+        [e["train"]["loss"] for e in read_log(whole / "metrics.jsonl")]
+    a, b = load_checkpoint(str(cut / "last.pt"))["model"], load_checkpoint(str(whole / "last.pt"))["model"]
+    for name, w in a.items():
+        assert torch.equal(w, b[name]), name
 
 
 def test_a_shard_pattern_matching_nothing_is_a_one_line_error(data, tmp_path):
@@ -258,7 +323,9 @@ def test_a_corrupt_shard_member_is_skipped_and_counted(data, tmp_path, capsys):
     assert entry["train"]["steps"] == PAIRS // 24  # the epoch completed
     # counted each time the stream passes the member (24 times here): the shard is read round after round
     assert entry["train"]["skipped_images"] >= 1
-    assert "image(s) failed to decode this epoch and were skipped" in capsys.readouterr().out
+    assert f"warning: {entry['train']['skipped_images']} undecodable image(s) skipped this epoch (counted each " \
+        "time the stream reads one)" in capsys.readouterr().out
+    assert entry["train"]["skipped_files"] == 0  # a stream names no files
 
 
 def test_an_epoch_of_shards_is_one_pass_over_its_pairs(data):

@@ -214,3 +214,41 @@ def test_wandb_offline_records_the_steps_the_config_and_the_final_scores(tmp_pat
     assert history[-1]["epoch"] == 0 and history[-1]["select/rsum"] == pytest.approx(1.2)
     assert history[-1]["final/rsum"] == pytest.approx(2.4)
     assert config["batch-size"] == 8 and config["select-root"] is None
+
+
+def test_train_py_logs_live_curves_that_a_stop_and_resume_within_an_epoch_continue(tiny_data, tmp_path,
+                                                                                     monkeypatch):
+    """train.py end to end: 2 epochs of 5 steps, a point every 2 steps; SIGTERM during step 7 (epoch 1), then the
+    same command resumes from the save within epoch 1. Each step appears once, and the curves match the log."""
+    import train
+    from engine import epoch as epoch_module
+    from tests.helpers import tiny_train_args
+
+    args = tiny_train_args(tiny_data, tmp_path, "--report-to", "tensorboard", "--report-every", "2",
+                           "--load-checkpoint", "auto")
+    real, calls = epoch_module.plain_step, []
+
+    def plain_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(epoch_module, "plain_step", plain_step)
+    with pytest.raises(SystemExit):
+        train.main(args)
+    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 7
+    monkeypatch.undo()
+    train.main(args)
+
+    acc = read_events(tmp_path)
+    assert {"train/loss", "train/grad_norm", "train/pairs_per_s", "train/data_wait_share", "train/lr/group0",
+            "train/logit_scale", "select/rsum", "epoch", "final/rsum"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10]  # none twice, none missing
+    assert [e.step for e in acc.Scalars("train/grad_norm")] == [2, 4, 6, 8, 10]
+    log = rundir.read_log(str(tmp_path / rundir.LOG_NAME))
+    rsum = acc.Scalars("select/rsum")
+    assert [e.step for e in rsum] == [5, 10]
+    assert [e.value for e in rsum] == pytest.approx([line["select"]["rsum"] for line in log], rel=1e-6)
+    assert [(e.step, e.value) for e in acc.Scalars("final/rsum")] == \
+        [(10, pytest.approx(json.loads((tmp_path / "report.json").read_text())["rsum"], rel=1e-6))]
+    assert [e.step for e in acc.Tensors("config/text_summary")] == [0]  # once, by the first start

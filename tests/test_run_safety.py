@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from engine import rundir
+from engine import loop, rundir
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
 from tests.helpers import ROOT, one_line_exit, tiny_train_args
@@ -142,7 +142,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_stops_in_its_first_epoch(t
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
     with pytest.raises(SystemExit) as e:
         train.main(tiny_train_args(tiny_data, run, "--overwrite", "true", "--seed", "3"))
     assert e.value.code == 130 and snapshot(run) == before
@@ -151,7 +151,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_stops_in_its_first_epoch(t
 def test_overwrite_replaces_every_file_of_the_old_run(tiny_data, run, monkeypatch):
     (run / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n')
     (run / "curves.png").write_bytes(b"old")
-    monkeypatch.setattr(train, "plot_curves", lambda log, out: out)  # the new run draws no curves
+    monkeypatch.setattr(loop, "plot_curves", lambda log, out: out)  # the new run draws no curves
     train.main(tiny_train_args(tiny_data, run, "--epochs", "1", "--overwrite", "true", "--seed", "3"))
     assert [e["epoch"] for e in rundir.read_log(str(run / "metrics.jsonl"))] == [0]
     assert not (run / "curves.png").exists()  # the old run's curves are gone with it
@@ -197,7 +197,7 @@ def test_a_second_run_on_the_same_files_fails_at_once_naming_the_first(tiny_data
 
 
 def test_the_lock_is_held_while_training(tiny_data, tmp_path, monkeypatch):
-    real, tries = train.train_one_epoch, []
+    real, tries = loop.train_one_epoch, []
 
     def train_one_epoch(*a, **k):
         with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
@@ -206,7 +206,7 @@ def test_the_lock_is_held_while_training(tiny_data, tmp_path, monkeypatch):
         tries.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
     train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1"))
     assert tries == [1]
     with rundir.locked({"last-path": str(tmp_path / "last.pt")}):  # released when the run ends

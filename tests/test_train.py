@@ -8,6 +8,7 @@ import torch
 import eval as eval_script
 import train
 from engine import epoch as epoch_module
+from engine import loop
 from engine.checkpoint import load_checkpoint
 from tests.helpers import DEMO_EVAL_CONFIG, tiny_train_args
 
@@ -100,7 +101,7 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypa
 
     # Same run, killed during the validation of its last epoch (after epoch 1 was saved) ...
     interrupted = tmp_path / "interrupted"
-    real_evaluate, calls = train.evaluate, []
+    real_evaluate, calls = loop.evaluate, []
 
     def dying_evaluate(*a, **k):
         calls.append(1)
@@ -108,11 +109,11 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real_evaluate(*a, **k)
 
-    monkeypatch.setattr(train, "evaluate", dying_evaluate)
+    monkeypatch.setattr(loop, "evaluate", dying_evaluate)
     with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line and the shell's status 130
         train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--use-augment", "true"))
     assert stopped.value.code == 130
-    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
     assert load_checkpoint(str(interrupted / "last.pt"))["epoch"] == 1
     # ... then resumed: the weights must equal those of the uninterrupted run.
     train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--use-augment", "true",
@@ -173,7 +174,7 @@ def canned_metrics(rsum):
 
 def test_patience_stops_after_epochs_without_a_better_selection_score(tiny_data, tmp_path, monkeypatch):
     scores = iter([1.0, 2.0, 1.5, 1.4, 1.3, 1.2])
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: canned_metrics(next(scores)))
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: canned_metrics(next(scores)))
     history = train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "5", "--patience", "2"))
     lines = [json.loads(s) for s in open(tmp_path / "metrics.jsonl")]
     assert [r["epoch"] for r in lines] == [0, 1, 2, 3]  # best at epoch 1, two epochs without better: stop
@@ -184,3 +185,25 @@ def test_patience_stops_after_epochs_without_a_better_selection_score(tiny_data,
 def test_holding_out_every_image_is_refused(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="select-images 24 would hold out all 24 images"):
         train.main(tiny_train_args(tiny_data, tmp_path, "--select-images", "24"))
+
+
+def test_the_skip_warning_counts_bad_files_once_and_says_how_often_they_were_met(tiny_data, tmp_path, capsys):
+    """Each training image has 2 caption rows: a bad file is met by both, and a row whose file fails goes on to
+    the next row, which may hold the same file. The warning counts 2 files, and says how many skips there were."""
+    from dataset import hold_out, read_captions
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data / "train", root)
+    pairs = read_captions(str(root))
+    held = set(hold_out(sorted({n for n, _ in pairs}), 4, 0))  # as train.py holds out select-images 4, seed 0
+    rows = [n for n, _ in pairs if n not in held]  # the training rows, in the dataset's order
+    bad = sorted(set(rows))[:2]
+    for name in bad:
+        (root / "images" / name).write_bytes(b"not an image")
+    # every row is trained on once (40 rows, 5 batches of 8): the skips of row i are the bad rows from i on
+    skips = sum(next(k for k in range(len(rows)) if rows[(i + k) % len(rows)] not in bad) for i in range(len(rows)))
+    assert skips > 2 * len(bad) - 1  # more skips than files: what the old warning counted
+    train.main(tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--train-root", str(root)))
+    (entry,) = [json.loads(s) for s in open(tmp_path / "run" / "metrics.jsonl")]
+    assert entry["train"]["skipped_files"] == 2 and entry["train"]["skipped_images"] == skips
+    assert f"warning: 2 image file(s) failed to decode this epoch and were skipped ({skips} skips: one per caption " \
+           "row that met a bad file)" in capsys.readouterr().out
