@@ -75,6 +75,7 @@ SCHEMA = Schema({
                          positive),
     "max-aspect-ratio": (20.0, (float,), "longest side / shortest side accepted for an image", at_least(1)),
     "demo-data": (False, (bool,), "generate the synthetic demo data and text model when absent"),
+    "demo-language": ("en", (str,), "language of the demo's captions and tokenizer", one_of("en", "zh")),
     # model
     "image-model": ("resnet50", (str,), "torchvision ResNet name"),
     "text-model": ("pretrains/roberta", (str,), "Hugging Face folder or hub id"),
@@ -186,7 +187,8 @@ def fit(cfg, rank, world_size, device, signals):
             log(rank, note)
             if cfg["demo-data"]:
                 from tools.demo import make_demo
-                make_demo(cfg["train-root"], cfg["valid-root"], cfg["text-model"], seed=cfg["seed"])
+                make_demo(cfg["train-root"], cfg["valid-root"], cfg["text-model"], seed=cfg["seed"],
+                          language=cfg["demo-language"])
     with together(world_size):
         r, ckpt = setup(cfg, rank, world_size, device, signals)
 
