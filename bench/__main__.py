@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from bench.cases import bench_data, bench_encode, bench_train
-from bench.workspace import Workspace
 from bench.recall import bench_recall
+from bench.workspace import Workspace
 from engine.errors import run_entry
 from engine.files import write_json
 from engine.runtime import resolve_device
@@ -83,9 +83,9 @@ def machine_info(device):
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    from PIL import features
     import torchvision
     import transformers
+    from PIL import features
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "transformers": transformers.__version__,

@@ -33,6 +33,7 @@ import numpy as np
 from engine.errors import run_entry
 from engine.files import write_json
 from inference import ann
+
 OFF_SUBSPACE_NOISE = 0.25  # isotropic noise std per dimension, relative to the clustered part's: ~6% of energy
 GENERATE_ROWS = 65536  # rows generated at a time: (65536, 512) float32 is 128 MB
 RECALL_TARGET, SPEEDUP_TARGET = 0.95, 10.0

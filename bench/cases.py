@@ -18,6 +18,7 @@ def float_transform(size):
     """The baseline's transform: the training crop and jitter, then the usual ToTensor + Normalize, so float32
     leaves the worker."""
     from torchvision import transforms as T
+
     from dataset import image_transform
     from model import IMAGENET_MEAN, IMAGENET_STD
     crop, jitter, _ = image_transform(size, augment=True).transforms
@@ -109,9 +110,10 @@ def data_stages(ws, size, tokenizer, max_length, batch_size, count=16):
     to uint8 and stops. The colour jitter and `normalize` of the real path run on the device, outside the
     workers, and are listed apart."""
     from torchvision import transforms as T
+
     from dataset import image_transform, normalize, tokenize
-    from engine.images import load_crop_source, open_image
     from engine.augment import color_jitter
+    from engine.images import load_crop_source, open_image
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # DataLoader workers run with one thread
     try:

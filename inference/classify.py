@@ -33,15 +33,12 @@ def parse_args(argv):
 
 # --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
 # line is checked here, and the heavy imports below run only once it parses.
-# ruff: noqa: E402
 if __name__ == "__main__":
     parse_args(sys.argv[1:])
 
 from engine.errors import run_entry
 from engine.files import require_file
-from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, read_lines,
-                               zero_shot_probs)
-
+from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, read_lines, zero_shot_probs
 
 BAR_WIDTH = 30  # characters of the text bar chart at probability 1
 

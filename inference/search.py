@@ -67,7 +67,6 @@ def parse_args(argv):
 
 # --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
 # line is checked here, and the heavy imports below run only once it parses.
-# ruff: noqa: E402
 if __name__ == "__main__":
     parse_args(sys.argv[1:])
 

@@ -52,7 +52,6 @@ def parse_args(argv):
 
 # --help or a mistyped option is answered before torch, transformers and FastAPI load (seconds, hundreds of MB):
 # the command line is checked here, and the heavy imports below run only once it parses.
-# ruff: noqa: E402
 if __name__ == "__main__":
     parse_args(sys.argv[1:])
 
@@ -63,8 +62,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import DataError, UserError, run_entry
-from engine.images import (ImageLimits, ImageTooLarge, MetadataTooLarge, check_size, decode_size,
-                           metadata_over_limit)
+from engine.images import ImageLimits, ImageTooLarge, MetadataTooLarge, check_size, decode_size, metadata_over_limit
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
 from inference.index import ImageIndex
 from inference.limits import MAX_HEAD_BYTES, MAX_URL_CHARS, BodyLimit, UrlLimit

@@ -90,6 +90,7 @@ def test_recall_only_run_writes_json(tmp_path, capsys):
 
 def test_float_baseline_transform_gives_the_same_model_input():
     from PIL import Image
+
     from bench.cases import float_transform
     from dataset import image_transform, normalize
     img = Image.new("RGB", (40, 30), (200, 30, 90))

@@ -15,7 +15,6 @@ from engine.config import ConfigError, load_config
 from tests.fuzzing import SEED, check_all, outcome
 from tests.helpers import DEMO_CONFIG, ROOT
 
-
 # ---------------------------------------------------------------------- (b) config overrides
 ODD_VALUES = ["[1,2]", "{a: 1}", ".nan", ".inf", "-.inf", "~", "null", "!!python/object:os.system",
               "!!python/object/apply:os.system ['true']", "!!binary aGk=", "&a", "*a", "|", ">", "- a", "2001-01-01",

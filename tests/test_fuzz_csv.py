@@ -18,7 +18,6 @@ from engine.errors import DataError
 from tests.fuzzing import SEED, check_all, outcome
 from tests.helpers import write_csv
 
-
 # ---------------------------------------------------------------------- (a) captions.csv
 # File names with what read_captions must make of them. "outside" names are refused whatever else the file holds.
 NAMES = [("a.jpg", "ok"), ("b.png", "ok"), ("sub/c.jpg", "ok"), ("./a.jpg", "ok"), ("  a.jpg\t", "ok"),

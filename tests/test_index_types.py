@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from inference import ann, search, serve
 from inference import index as search_index
 from inference.encoder import Encoder
-from tools import demo
 from tests.trusted import TRUSTED
+from tools import demo
 
 pytest.importorskip("faiss")
 

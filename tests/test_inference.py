@@ -10,16 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-
-from inference import classify
+from dataset import tokenize
 from engine import evaluation
 from engine.checkpoint import load_trained
-from inference import export
-from inference import index as search_index, search
-from dataset import tokenize
-from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, check_templates,
-                       zero_shot_probs)
 from engine.runtime import amp_context
+from inference import classify, export, search
+from inference import index as search_index
+from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, check_templates, zero_shot_probs
 from tests.trusted import TRUSTED
 
 CPU = torch.device("cpu")
@@ -333,8 +330,9 @@ def test_export_leaves_the_encoder_in_eval_mode(tiny, tmp_path):
 
 
 def test_export_matches_pytorch(tiny, tmp_path):
-    import onnxruntime as ort
     import json
+
+    import onnxruntime as ort
     paths = export.main(["--model-path", str(tiny["checkpoint"]), "--output", str(tmp_path / "onnx")])
     info = json.loads((tmp_path / "onnx" / "export.json").read_text())
     model, tokenizer, cfg = load_trained(str(tiny["checkpoint"]), CPU)  # a fresh, untouched model

@@ -10,7 +10,6 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-
 from inference import index as search_index
 from inference import serve
 from inference.encoder import DEFAULT_TEMPLATES

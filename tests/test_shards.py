@@ -10,12 +10,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from tools import demo
 from dataset import PairCollate, PairDataset, image_transform, make_loader, read_captions
 from engine.shards import ShardError, expand_pattern, shard_loader
 from loss import ContrastiveLoss
 from model import load_tokenizer
-from tools import prepare_data
+from tools import demo, prepare_data
 from tools.shards import write_shards
 
 # (file name, number of captions): PNGs and JPEGs, 1-3 captions each, 15 pairs in all
