@@ -55,8 +55,8 @@ def run(a):
     images = encoder.encode_images([encoder.open_image(p) for p in a.image])  # (N, D)
     probs = zero_shot_probs(images, weights, encoder.logit_scale())  # (N, L)
     results = []
-    for path, row in zip(a.image, probs.tolist()):
-        ranked = sorted(zip(labels, row), key=lambda x: -x[1])[:a.top]
+    for path, row in zip(a.image, probs.tolist(), strict=True):
+        ranked = sorted(zip(labels, row, strict=True), key=lambda x: -x[1])[:a.top]
         results.append({"image": path, "labels": [{"label": n, "prob": p} for n, p in ranked]})
         print(path)
         width = max(len(n) for n, _ in ranked)

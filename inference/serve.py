@@ -122,7 +122,7 @@ class Service:
 
     def results(self, scores, ids):
         return {"results": [{"id": i, "path": self.index.files[i], "score": round(s, 6), "url": f"/api/image/{i}"}
-                            for s, i in zip(scores[0].tolist(), ids[0].tolist())
+                            for s, i in zip(scores[0].tolist(), ids[0].tolist(), strict=True)
                             if i >= 0]}  # an ivf search marks with -1 what its probed lists could not fill
 
 
@@ -202,7 +202,7 @@ def classify(request: Request, file: UploadFile = File(..., description="image t
     weights = svc.label_embeddings(tuple(names))  # (L, D)
     with svc.lock:
         probs = zero_shot_probs(svc.encoder.encode_images([image]), weights, svc.encoder.logit_scale())[0]  # (L,)
-    ranked = sorted(zip(names, probs.tolist()), key=lambda x: -x[1])
+    ranked = sorted(zip(names, probs.tolist(), strict=True), key=lambda x: -x[1])
     return {"labels": [{"label": n, "prob": round(p, 6)} for n, p in ranked]}
 
 

@@ -83,7 +83,7 @@ def test_recall_only_run_writes_json(tmp_path, capsys):
     assert product["ratio"] == vectorised["median"] / product["median"]
     assert product["status"] == ("PASS" if product["ratio"] <= 1.3 else "MISS")
     per_round = product["metrics_over_product_per_round"]
-    assert per_round == [m / p for m, p in zip(vectorised["runs"], product["runs"])]
+    assert per_round == [m / p for m, p in zip(vectorised["runs"], product["runs"], strict=True)]
     printed = capsys.readouterr().out
     assert "metrics.retrieval_metrics, 300x100" in printed and "PASS" in printed
 
