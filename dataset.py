@@ -55,7 +55,7 @@ def read_captions_csv(path, columns=("filename", "caption")):
                                     f"{width}; put captions that contain commas in double quotes")
                 values = [" ".join(record[header[c]].split()) if header[c] < len(record) else "" for c in columns]
                 rows.append((start, tuple(normalise_name(v) if c == "filename" else v
-                                          for c, v in zip(columns, values))))
+                                          for c, v in zip(columns, values, strict=True))))
             start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path} line {start} is not valid CSV ({e})") from None
@@ -303,7 +303,7 @@ class PairCollate:
         self.max_length = max_length
 
     def __call__(self, items):
-        images, captions, ids, skipped = zip(*items)
+        images, captions, ids, skipped = zip(*items, strict=True)
         input_ids, attention_mask = tokenize(self.tokenizer, captions, self.max_length)
         return {"images": torch.stack(images),  # (B, 3, H, W) uint8
                 "input_ids": input_ids, "attention_mask": attention_mask,  # (B, T)

@@ -11,9 +11,8 @@ Reads top to bottom: config, data, model, loss, optimizer, resume, then the epoc
 import contextlib
 import os
 
-from engine.config import (ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive,
-                           workers)
-from engine.errors import run_entry
+from engine.config import ConfigError, Schema, at_least, between, format_config, load_config, one_of, positive, workers
+from engine.errors import DataError, run_entry
 from engine.reporting import report_to_rule
 
 SCHEMA = Schema({
@@ -110,10 +109,9 @@ if __name__ == "__main__":  # a config mistake or --help is answered before torc
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dataset import (DataError, PairCollate, PairDataset, hold_out, image_transform, make_loader, normalise_name,
-                     read_captions)
-from engine.augment import color_jitter
+from dataset import PairCollate, PairDataset, hold_out, image_transform, make_loader, normalise_name, read_captions
 from engine import resume, rundir
+from engine.augment import color_jitter
 from engine.checkpoint import load_checkpoint, vocab_fingerprint
 from engine.epoch import Trainer
 from engine.evaluation import Encoding

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from bench.cases import bench_data, bench_encode, bench_train
-from bench.workspace import Workspace
 from bench.recall import bench_recall
+from bench.workspace import Workspace
 from engine.errors import run_entry
 from engine.files import write_json
 from engine.runtime import resolve_device
@@ -62,7 +62,8 @@ def number(v):
 
 def format_rows(header, rows):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [header, *rows])
 
 
 def format_report(results):
@@ -83,9 +84,9 @@ def machine_info(device):
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    from PIL import features
     import torchvision
     import transformers
+    from PIL import features
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "transformers": transformers.__version__,

@@ -33,6 +33,7 @@ import numpy as np
 from engine.errors import run_entry
 from engine.files import write_json
 from inference import ann
+
 OFF_SUBSPACE_NOISE = 0.25  # isotropic noise std per dimension, relative to the clustered part's: ~6% of energy
 GENERATE_ROWS = 65536  # rows generated at a time: (65536, 512) float32 is 128 MB
 RECALL_TARGET, SPEEDUP_TARGET = 0.95, 10.0
@@ -77,7 +78,7 @@ def timed_search(ann, index, queries, k, **params):
 
 def recall_at(ids, exact):
     k = exact.shape[1]
-    return float(np.mean([len(np.intersect1d(a[:k], b)) / k for a, b in zip(ids, exact)]))
+    return float(np.mean([len(np.intersect1d(a[:k], b)) / k for a, b in zip(ids, exact, strict=True)]))
 
 
 def measure(ann, kind, rows, queries, folder, build_args, sweep, exact, report):
@@ -150,7 +151,7 @@ def format_table(rows, flat_qps):
                       f"{r['qps']:.0f}", f"{r['qps'] / flat_qps:.1f}x", f"{r['recall_at_10']:.4f}",
                       r.get("status", "")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def summarize(a, faiss, started, load_before, report, extra):

@@ -126,7 +126,7 @@ def replay_cosine(ctx, model, amp, rows):
     with amp:
         second = model(batch["images"], batch["input_ids"], batch["attention_mask"])[:2]
     return min(float(torch.nn.functional.cosine_similarity(a.float(), b.detach().float()).min())
-               for a, b in zip(first, second))
+               for a, b in zip(first, second, strict=True))
 
 
 def check_train(ctx, table):
@@ -204,7 +204,7 @@ def torchrun(ctx, *extra):
             "--select-images": "8", "--batch-size": "16", "--warmup-steps": "2", "--num-workers": "0",
             "--device": ctx.dev, "--use-amp": str(ctx.cuda).lower(), "--last-path": d["last"],
             "--best-path": d["best"]}
-    args.update(zip(extra[::2], extra[1::2]))
+    args.update(zip(extra[::2], extra[1::2], strict=True))
     return child(ctx, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                        *entry("train.py", "demo.yaml"), *(token for pair in args.items() for token in pair)])
 
@@ -312,7 +312,7 @@ def run(argv):
                               precision="fp16 AMP" if cuda else "fp32",
                               backend="inductor" if cuda else "eager")  # eager: inductor compiles for minutes on a CPU
         for check in only:  # a row "(setup)" appears only when a check's shared setup fails
-            table.add(check, "(setup)", "", lambda: RUNNERS[check](ctx, table))
+            table.add(check, "(setup)", "", lambda check=check: RUNNERS[check](ctx, table))
     result = save(table, finished=True)
     failed = [f"{r['check']}: {r['item']} [{r['precision']}]" for r in table if r["status"] == "FAIL"]
     print(f"\n{table.format()}\n\n{len(table) - len(failed)} of {len(table)} rows passed or skipped in "

@@ -1,4 +1,5 @@
-"""Recall benchmark for `python -m bench`: engine/metrics.py against a per-query top-k loop, on features exact in float32.
+"""Recall benchmark for `python -m bench`: engine/metrics.py against a per-query top-k loop, on features exact
+in float32.
 
 The loop is the naive way to compute recall@K; on features whose dot products come out the same in any
 summation order, and with no tie at a top-K boundary, both must give the very same hits.
@@ -127,8 +128,9 @@ def bench_recall(args, device, report):
         vec_t2i = t2i_rank[:, None] < ks
         identical = torch.equal(vec_i2t, loop_i2t) and torch.equal(vec_t2i, loop_t2i)
         # the bare similarity product is the floor for any exact recall: metrics.py should cost little beyond it
-        times = alternate({"metrics": lambda: retrieval_metrics(img, txt, caption_image),
-                           "product": lambda: img @ txt.t()}, args.repeats, device, warmup=0)  # (Ni, Nc)
+        times = alternate({"metrics": lambda img=img, txt=txt, ci=caption_image: retrieval_metrics(img, txt, ci),
+                           "product": lambda img=img, txt=txt: img @ txt.t()},  # (Ni, Nc)
+                          args.repeats, device, warmup=0)
         name = f"{captions}x{images}"
         partial = q < max(images, captions)
         base = report.add("recall", f"per-query loop + topk, {name}" + (" (extrapolated)" if partial else ""),
@@ -143,7 +145,8 @@ def bench_recall(args, device, report):
         # baseline = the metrics row, so its ratio is metrics time / product time: the cost of counting on top
         report.add("recall", f"bare product img @ txt.T, {name}", "s", times["product"], metrics_row,
                    lower_is_better=True, target="metrics <= 1.3x product", check=lambda r: r["ratio"] <= 1.3,
-                   metrics_over_product_per_round=[m / p for m, p in zip(times["metrics"], times["product"])])
+                   metrics_over_product_per_round=[m / p for m, p in
+                                                   zip(times["metrics"], times["product"], strict=True)])
         if partial:
             report.notes.append(f"recall {name}: the loop ran {q} image and {q} caption queries in {chunks} "
                                 f"slices, each slice's time extrapolated to all {images}+{captions} queries; "

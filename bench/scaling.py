@@ -7,7 +7,8 @@
 Each configuration runs in its own process. After a warm-up step (which allocates the optimizer state) the
 peak is reset and one more step is measured: on CUDA with torch.cuda.max_memory_allocated, on the CPU as the
 rise of the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs) over what it held
-before the step, with glibc told to hand large blocks back to the OS as soon as they are freed. Weights are random: memory and speed do not depend on them.
+before the step, with glibc told to hand large blocks back to the OS as soon as they are freed.
+Weights are random: memory and speed do not depend on them.
 """
 import argparse
 import json

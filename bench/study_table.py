@@ -50,7 +50,7 @@ def table_cells(rows):
                      f"{statistics.fmean(r['saved_at']):.0f}"]
         else:
             line += ["/".join(sorted(set(map(str, r["steps"])))), "/".join(sorted(set(map(str, r["pairs"])))),
-                     ",".join(f"{b}/{e}" for b, e in zip(r["best_epoch"], r["epochs"]))]
+                     ",".join(f"{b}/{e}" for b, e in zip(r["best_epoch"], r["epochs"], strict=True))]
         cells.append(line + [f"{r['temperature']:.4f}", f"{r['seconds']:.0f}"])
     return cells
 

@@ -130,6 +130,7 @@ def build(ws, image_model, device):
 def text_setup(ws):
     """Tokenizer and caption length limit, as train.py sets them up (max-length 64, capped by the model)."""
     from transformers import AutoConfig
+
     from model import load_tokenizer, text_length_limit
     tokenizer = load_tokenizer(ws.text_model)  # first: a wrong path becomes a one-line ModelError
     limit = text_length_limit(AutoConfig.from_pretrained(ws.text_model))

@@ -53,7 +53,7 @@ def plain(value, where="state"):
         return value if all(items[k] is value[k] for k in value) else dict(items)  # keeps a state dict's metadata
     if isinstance(value, (list, tuple)):
         items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        same = all(a is b for a, b in zip(items, value))
+        same = all(a is b for a, b in zip(items, value, strict=True))
         return value if same else (list(items) if isinstance(value, list) else tuple(items))
     raise TypeError(f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) refuses; store "
                     f"it as numbers, strings, lists, dicts or tensors")

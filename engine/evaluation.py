@@ -10,8 +10,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dataset import (ImageDataset, PairDataset, choose_captions, collate_decoded, image_transform, make_loader,
-                     normalize, tokenize)
+from dataset import (
+    ImageDataset,
+    PairDataset,
+    choose_captions,
+    collate_decoded,
+    image_transform,
+    make_loader,
+    normalize,
+    tokenize,
+)
 from engine.errors import DataError
 from engine.images import DEFAULT_LIMITS, ImageLimits
 from engine.metrics import fold_metrics, renumber, retrieval_metrics, text_groups

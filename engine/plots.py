@@ -22,7 +22,7 @@ def plot_curves(log_path, out_path):
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5.5 * (1 + len(panels)), 4))
     axes[0].plot(epochs, [r["train"]["loss"] for r in rows], marker="o")
     axes[0].set(title="training loss", xlabel="epoch", ylabel="loss")
-    for ax, (key, title) in zip(axes[1:], panels):
+    for ax, (key, title) in zip(axes[1:], panels, strict=True):
         shown = [r for r in rows if key in r]
         for direction, label in (("image_to_text", "I2T"), ("text_to_image", "T2I")):
             for k, style in (("R@1", "-"), ("R@5", "--"), ("R@10", ":")):

@@ -20,9 +20,10 @@ yields exactly `samples_per_epoch // (batch_size * world_size)` full batches per
 holds: its shards are read round after round (reshuffled each round) until that count, so no process waits
 at a collective for a batch that never comes. Each round is a pipeline of its own whose shuffle buffers drain at
 its end, so a round yields every readable pair of its shards once (a batch may span two rounds): with
-samples_per_epoch equal to the pairs in the shards and one process, an epoch is one pass over every pair. Without it, a single process reads every shard once and one
-epoch is exactly one pass over every pair (each worker's last batch may be short); several processes then
-take the pair count from the `sizes.json` that `tools/shards.py` writes beside the shards.
+samples_per_epoch equal to the pairs in the shards and one process, an epoch is one pass over every pair.
+Without it, a single process reads every shard once and one epoch is exactly one pass over every pair (each
+worker's last batch may be short); several processes then take the pair count from the `sizes.json` that
+`tools/shards.py` writes beside the shards.
 
 Bad data. A missing or unreadable shard, a broken tar member, a sample without an image, a caption or a
 valid image id, and an image that fails to decode are skipped and counted: the count is added to the

@@ -63,7 +63,7 @@ def cached_step(model, loss_fn, batch, micro, amp, scaler, momentum=None):
                 img, txt, scale = model(images[s], ids[s], mask[s])
             img_parts.append(img)
             txt_parts.append(txt)
-    for b, saved in zip(bn, bn_saved):
+    for b, saved in zip(bn, bn_saved, strict=True):
         b.copy_(saved)
     after_pass1 = rng_state()
 

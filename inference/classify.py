@@ -33,15 +33,12 @@ def parse_args(argv):
 
 # --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
 # line is checked here, and the heavy imports below run only once it parses.
-# ruff: noqa: E402
 if __name__ == "__main__":
     parse_args(sys.argv[1:])
 
 from engine.errors import run_entry
 from engine.files import require_file
-from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, read_lines,
-                               zero_shot_probs)
-
+from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, read_lines, zero_shot_probs
 
 BAR_WIDTH = 30  # characters of the text bar chart at probability 1
 
@@ -58,8 +55,8 @@ def run(a):
     images = encoder.encode_images([encoder.open_image(p) for p in a.image])  # (N, D)
     probs = zero_shot_probs(images, weights, encoder.logit_scale())  # (N, L)
     results = []
-    for path, row in zip(a.image, probs.tolist()):
-        ranked = sorted(zip(labels, row), key=lambda x: -x[1])[:a.top]
+    for path, row in zip(a.image, probs.tolist(), strict=True):
+        ranked = sorted(zip(labels, row, strict=True), key=lambda x: -x[1])[:a.top]
         results.append({"image": path, "labels": [{"label": n, "prob": p} for n, p in ranked]})
         print(path)
         width = max(len(n) for n, _ in ranked)

@@ -13,8 +13,8 @@ README.md with the model card), which every entry takes as --model-path and the 
 
 Batch (B) and sequence (T) axes are dynamic. Images are resized (short side) and centre-cropped to the image
 size, scaled to [0, 1] and normalised with mean/std, as dataset.image_transform + dataset.normalize do. The
-graphs are traced with the TorchScript-based exporter (`dynamo=False`): it handles the Hugging Face text model's attention-mask
-code without graph breaks and needs no extra packages beyond `onnx`.
+graphs are traced with the TorchScript-based exporter (`dynamo=False`): it handles the Hugging Face text
+model's attention-mask code without graph breaks and needs no extra packages beyond `onnx`.
 """
 import argparse
 import os

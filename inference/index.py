@@ -273,7 +273,7 @@ def build_index(encoder, images_root, out, rebuild=False, progress=True, index_t
         old_rows = ImageIndex.load(out, with_ann=False).embeddings  # (N_old, D) memmap
     # A file is reused when its name, size and modification time are unchanged; it keeps its row (and id).
     keep = [] if old is None else [
-        i for i, (name, size, mtime) in enumerate(zip(old["files"], old["sizes"], old["mtimes"]))
+        i for i, (name, size, mtime) in enumerate(zip(old["files"], old["sizes"], old["mtimes"], strict=True))
         if name in stats and stats[name].st_size == size and stats[name].st_mtime_ns == mtime]
     reused = {old["files"][i] for i in keep}
     todo = [n for n in names if n not in reused]

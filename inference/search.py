@@ -67,7 +67,6 @@ def parse_args(argv):
 
 # --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
 # line is checked here, and the heavy imports below run only once it parses.
-# ruff: noqa: E402
 if __name__ == "__main__":
     parse_args(sys.argv[1:])
 
@@ -121,14 +120,15 @@ def run_query(a):
         scores, ids = (query @ encoder.encode_texts(captions).T).topk(min(a.k, len(captions)), dim=1)
         scores = scores.clamp(-1, 1)  # cosines of unit vectors, up to float rounding
         results = [{"rank": r + 1, "score": float(s), "caption": captions[i]}
-                   for r, (s, i) in enumerate(zip(scores[0].tolist(), ids[0].tolist()))]
+                   for r, (s, i) in enumerate(zip(scores[0].tolist(), ids[0].tolist(), strict=True))]
         print(f"image -> text: {a.image} against {len(captions)} captions")
         for res in results:
             print(f"{res['rank']:4d}  {res['score']:.4f}  {res['caption']}")
         return results
 
     scores, ids = index.search(query, a.k)
-    found = [(s, i) for s, i in zip(scores[0].tolist(), ids[0].tolist()) if i >= 0]  # ivf: -1 = lists ran dry
+    # ivf: -1 = lists ran dry
+    found = [(s, i) for s, i in zip(scores[0].tolist(), ids[0].tolist(), strict=True) if i >= 0]
     results = [{"rank": r + 1, "score": s, "id": i, "path": index.path(i)} for r, (s, i) in enumerate(found)]
     kind = "text -> image" if a.text is not None else "image -> image"
     print(f"{kind}: {a.text!r} over {len(index)} images ({index.kind})" if a.text is not None

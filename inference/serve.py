@@ -52,7 +52,6 @@ def parse_args(argv):
 
 # --help or a mistyped option is answered before torch, transformers and FastAPI load (seconds, hundreds of MB):
 # the command line is checked here, and the heavy imports below run only once it parses.
-# ruff: noqa: E402
 if __name__ == "__main__":
     parse_args(sys.argv[1:])
 
@@ -63,8 +62,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import DataError, UserError, run_entry
-from engine.images import (ImageLimits, ImageTooLarge, MetadataTooLarge, check_size, decode_size,
-                           metadata_over_limit)
+from engine.images import ImageLimits, ImageTooLarge, MetadataTooLarge, check_size, decode_size, metadata_over_limit
 from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, zero_shot_probs
 from inference.index import ImageIndex
 from inference.limits import MAX_HEAD_BYTES, MAX_URL_CHARS, BodyLimit, UrlLimit
@@ -124,7 +122,7 @@ class Service:
 
     def results(self, scores, ids):
         return {"results": [{"id": i, "path": self.index.files[i], "score": round(s, 6), "url": f"/api/image/{i}"}
-                            for s, i in zip(scores[0].tolist(), ids[0].tolist())
+                            for s, i in zip(scores[0].tolist(), ids[0].tolist(), strict=True)
                             if i >= 0]}  # an ivf search marks with -1 what its probed lists could not fill
 
 
@@ -204,7 +202,7 @@ def classify(request: Request, file: UploadFile = File(..., description="image t
     weights = svc.label_embeddings(tuple(names))  # (L, D)
     with svc.lock:
         probs = zero_shot_probs(svc.encoder.encode_images([image]), weights, svc.encoder.logit_scale())[0]  # (L,)
-    ranked = sorted(zip(names, probs.tolist()), key=lambda x: -x[1])
+    ranked = sorted(zip(names, probs.tolist(), strict=True), key=lambda x: -x[1])
     return {"labels": [{"label": n, "prob": round(p, 6)} for n, p in ranked]}
 
 

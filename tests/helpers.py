@@ -56,7 +56,7 @@ def tiny_train_args(data, out, *extra):
             "--last-path": str(out / "last.pt"), "--best-path": str(out / "best.pt")}
     if len(extra) % 2:
         raise ValueError(f"extra arguments come in --key value pairs, got {extra}")
-    args.update(zip(extra[::2], extra[1::2]))
+    args.update(zip(extra[::2], extra[1::2], strict=True))
     return [token for pair in args.items() for token in pair]
 
 

@@ -27,7 +27,7 @@ def data():
 
 
 def recall_at_10(ids, exact):
-    return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
+    return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact, strict=True)])
 
 
 def test_flat_equals_matrix_product(data):
@@ -66,7 +66,7 @@ def test_searches_without_parameters_use_the_stored_defaults(data, kind, build_a
     rows, queries, _ = data
     index = ann.build(rows, kind, **build_args)
     assert ann.describe(index)[next(iter(explicit))] == next(iter(explicit.values()))
-    for default, given in zip(ann.search(index, queries, 10), ann.search(index, queries, 10, **explicit)):
+    for default, given in zip(ann.search(index, queries, 10), ann.search(index, queries, 10, **explicit), strict=True):
         np.testing.assert_array_equal(default, given)
 
 
@@ -96,7 +96,8 @@ def test_save_load_round_trip(data, tmp_path, kind):
     ann.save(index, str(path))
     loaded = ann.load(str(path))
     assert ann.describe(loaded) == ann.describe(index)  # search defaults included
-    for before, after in zip(ann.search(index, queries, 10, **args), ann.search(loaded, queries, 10, **args)):
+    for before, after in zip(ann.search(index, queries, 10, **args), ann.search(loaded, queries, 10, **args),
+                             strict=True):
         np.testing.assert_array_equal(before, after)
     assert os.listdir(tmp_path) == [f"{kind}.faiss"]  # no temporary file left behind
 

@@ -83,13 +83,14 @@ def test_recall_only_run_writes_json(tmp_path, capsys):
     assert product["ratio"] == vectorised["median"] / product["median"]
     assert product["status"] == ("PASS" if product["ratio"] <= 1.3 else "MISS")
     per_round = product["metrics_over_product_per_round"]
-    assert per_round == [m / p for m, p in zip(vectorised["runs"], product["runs"])]
+    assert per_round == [m / p for m, p in zip(vectorised["runs"], product["runs"], strict=True)]
     printed = capsys.readouterr().out
     assert "metrics.retrieval_metrics, 300x100" in printed and "PASS" in printed
 
 
 def test_float_baseline_transform_gives_the_same_model_input():
     from PIL import Image
+
     from bench.cases import float_transform
     from dataset import image_transform, normalize
     img = Image.new("RGB", (40, 30), (200, 30, 90))

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 
-
 from inference import index as search_index
 from inference import serve
 from inference.encoder import Encoder

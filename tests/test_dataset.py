@@ -18,7 +18,8 @@ def save(img, root, name, **kw):
 
 def test_missing_column_is_a_clear_error(tmp_path):
     write_csv(tmp_path, [("a.jpg", "x")], header=("file", "caption"))
-    with pytest.raises(DataError, match="must have the header 'filename,caption' \(each column once\), found file,caption"):
+    with pytest.raises(DataError,
+                       match=r"must have the header 'filename,caption' \(each column once\), found file,caption"):
         read_captions(str(tmp_path))
 
 
@@ -129,6 +130,6 @@ def test_collate_pads_to_the_longest_caption_in_the_batch(tiny_data):
 def test_same_file_gets_same_image_id(tiny_data):
     ds = PairDataset(str(tiny_data / "train"), transform=None)
     by_name = {}
-    for (name, _), i in zip(ds.pairs, ds.image_ids):
+    for (name, _), i in zip(ds.pairs, ds.image_ids, strict=True):
         assert by_name.setdefault(name, i) == i
     assert len(by_name) == 24 and len(ds) == 48

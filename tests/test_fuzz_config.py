@@ -15,7 +15,6 @@ from engine.config import ConfigError, load_config
 from tests.fuzzing import SEED, check_all, outcome
 from tests.helpers import DEMO_CONFIG, ROOT
 
-
 # ---------------------------------------------------------------------- (b) config overrides
 ODD_VALUES = ["[1,2]", "{a: 1}", ".nan", ".inf", "-.inf", "~", "null", "!!python/object:os.system",
               "!!python/object/apply:os.system ['true']", "!!binary aGk=", "&a", "*a", "|", ">", "- a", "2001-01-01",
@@ -96,7 +95,8 @@ def test_fuzzed_config_overrides_load_or_fail_in_one_line(tmp_path, capsys):
         if kind == "ok":
             conforms(value)
             if "--config" not in argv and not any("=" in a for a in argv):  # plain pairs: check what came through
-                for key, raw in dict(zip(argv[::2], argv[1::2])).items():  # the last of a repeated key wins
+                # the last of a repeated key wins
+                for key, raw in dict(zip(argv[::2], argv[1::2], strict=True)).items():
                     check_number(key[2:].replace("_", "-"), raw, value)
         elif kind == "error" and value != "2":  # a ConfigError (2 is argparse's exit status)
             assert "config" in value or "command line" in value or "command-line" in value, value

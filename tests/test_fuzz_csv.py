@@ -1,4 +1,5 @@
-"""Seeded fuzzing of captions.csv files, one of the three places a user hands the project raw input (see tests/fuzzing.py).
+"""Seeded fuzzing of captions.csv files, one of the three places a user hands the project raw input
+(see tests/fuzzing.py).
 
 Each generator makes a fixed list of malformed inputs from one seed, so a failure names a case that comes back on
 every run. Every outcome must be one a user can act on: accepted (and then checked for what it returned), a
@@ -17,7 +18,6 @@ from dataset import read_captions
 from engine.errors import DataError
 from tests.fuzzing import SEED, check_all, outcome
 from tests.helpers import write_csv
-
 
 # ---------------------------------------------------------------------- (a) captions.csv
 # File names with what read_captions must make of them. "outside" names are refused whatever else the file holds.
@@ -61,14 +61,14 @@ def expected(header_ok, rows, labels):
         return "error", "is not valid CSV"
     rows = [(posixpath.normpath(norm(n)) if norm(n) else "", norm(c)) for n, c in rows]  # ./a.jpg is a.jpg
     first_label = {}
-    for (name, _), label in zip(rows, labels):
+    for (name, _), label in zip(rows, labels, strict=True):
         first_label.setdefault(name, label)
     if "outside" in first_label.values():
         return "error", "leads outside"
     pairs = list(dict.fromkeys((n, c) for n, c in rows if c))
     if not pairs:
         return "error", "has no captioned rows"
-    label = dict(zip((n for n, _ in rows), labels))
+    label = dict(zip((n for n, _ in rows), labels, strict=True))
     if any(label[n] == "missing" for n, _ in pairs):
         return "error", "missing from"
     return "ok", pairs, sum(1 for _, c in rows if not c)
@@ -96,7 +96,7 @@ def row_cases(rng, count):
         order = [header.index(c) if c in header else None for c in ("filename", "caption")]
         for row in rows:  # put each value under its column; "extra" gets a value too
             out = [""] * len(header)
-            for value, col in zip(row, order):
+            for value, col in zip(row, order, strict=True):
                 if col is not None:
                     out[col] = value
             writer.writerow(out or row)

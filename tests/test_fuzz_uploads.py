@@ -1,4 +1,5 @@
-"""Seeded fuzzing of uploads to the web API, one of the three places a user hands the project raw input (see tests/fuzzing.py).
+"""Seeded fuzzing of uploads to the web API, one of the three places a user hands the project raw input
+(see tests/fuzzing.py).
 
 Each generator makes a fixed list of malformed inputs from one seed, so a failure names a case that comes back on
 every run. Every outcome must be one a user can act on: accepted (and then checked for what it returned), a

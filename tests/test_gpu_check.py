@@ -8,6 +8,7 @@ import torch
 
 from bench import gpu
 
+
 @pytest.fixture
 def one_thread(monkeypatch):
     """One torch thread here and in every child process: on a shared 2-core machine, two threads per process

@@ -291,15 +291,18 @@ def test_damaged_checkpoints_are_one_line_errors_in_every_entry(tiny, tiny_data,
                              progress=False)
     for kind, path in damaged_checkpoints(tiny["checkpoint"], folder).items():
         entries = {
-            "eval": lambda: eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(path),
+            "eval": lambda path=path: eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(path),
                                               "--output", str(tmp_path / "e.json")]),
-            "resume": lambda: train.main(tiny_train_args(tiny_data, tmp_path / "resume", "--load-checkpoint",
+            "resume": lambda path=path: train.main(tiny_train_args(tiny_data, tmp_path / "resume", "--load-checkpoint",
                                                          "true", "--load-path", str(path))),
-            "classify": lambda: classify.main(["--model-path", str(path), "--image", image, "--labels", "a,b"]),
-            "export": lambda: export.main(["--model-path", str(path), "--output", str(tmp_path / "onnx")]),
-            "search": lambda: search.main(["index", "--model-path", str(path), "--images", str(tiny["images"]),
-                                           "--output", str(tmp_path / "i2"), "--num-workers", "0"]),
-            "serve": lambda: serve.main(["--model-path", str(path), "--index", str(tmp_path / "index"), *TRUSTED]),
+            "classify": lambda path=path: classify.main(["--model-path", str(path), "--image", image,
+                                                         "--labels", "a,b"]),
+            "export": lambda path=path: export.main(["--model-path", str(path), "--output", str(tmp_path / "onnx")]),
+            "search": lambda path=path: search.main(["index", "--model-path", str(path),
+                                                     "--images", str(tiny["images"]),
+                                                     "--output", str(tmp_path / "i2"), "--num-workers", "0"]),
+            "serve": lambda path=path: serve.main(["--model-path", str(path), "--index", str(tmp_path / "index"),
+                                                   *TRUSTED]),
         }
         for entry, call in entries.items():
             with pytest.raises(SystemExit) as e:

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from inference import ann, search, serve
 from inference import index as search_index
 from inference.encoder import Encoder
-from tools import demo
 from tests.trusted import TRUSTED
+from tools import demo
 
 pytest.importorskip("faiss")
 
@@ -227,7 +227,7 @@ def test_build_flags_that_do_not_fit_are_one_line_errors(tiny, indexes, demo_ima
              (["--index-type", "ivf", "--m", "8"], "--m applies to --index-type hnsw only"),
              (["--ef-construction", "8"], "--ef-construction applies to --index-type hnsw only; this index is flat")]
     for flags, message in cases:
-        one_line_error(lambda: index_cmd(tiny, photos, tmp_path / "new", *flags), message)
+        one_line_error(lambda flags=flags: index_cmd(tiny, photos, tmp_path / "new", *flags), message)
     assert not (tmp_path / "new").exists()
     with pytest.raises(SystemExit) as e:  # argparse's usage error (status 2, on stderr)
         query_cmd(indexes["ivf"], "--text", "x", "--nprobe", "0")

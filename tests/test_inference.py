@@ -10,16 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-
-from inference import classify
+from dataset import tokenize
 from engine import evaluation
 from engine.checkpoint import load_trained
-from inference import export
-from inference import index as search_index, search
-from dataset import tokenize
-from inference.encoder import (DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, check_templates,
-                       zero_shot_probs)
 from engine.runtime import amp_context
+from inference import classify, export, search
+from inference import index as search_index
+from inference.encoder import DEFAULT_TEMPLATES, Encoder, InferenceError, check_labels, check_templates, zero_shot_probs
 from tests.trusted import TRUSTED
 
 CPU = torch.device("cpu")
@@ -146,7 +143,8 @@ def test_classify_cli(tiny, encoder, tmp_path, capsys):
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
     names = ["circle", "star", "square"]
     want = encoder.classify(encoder.encode_images([image]), names, ["a photo of a {}.", "there is a {}"])[0]
-    assert {x["label"]: x["prob"] for x in labels} == pytest.approx(dict(zip(names, want.tolist())), abs=1e-6)
+    want_by_name = dict(zip(names, want.tolist(), strict=True))
+    assert {x["label"]: x["prob"] for x in labels} == pytest.approx(want_by_name, abs=1e-6)
     assert "circle" in capsys.readouterr().out
     # defaults: the built-in templates
     out = classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, "--labels", "a,b", "--top", "1"])
@@ -301,7 +299,8 @@ def test_hnsw_matches_exact_or_says_how_to_install(tiny, photos, tmp_path, monke
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda t, p: ["index", "--model-path", str(t["checkpoint"]), "--images", str(p / "nowhere"), "--output", str(p / "i")],
+    (lambda t, p: ["index", "--model-path", str(t["checkpoint"]), "--images", str(p / "nowhere"),
+                   "--output", str(p / "i")],
      "does not exist"),
     (lambda t, p: ["query", "--index", str(p), "--text", "x"], "not an index"),
     (lambda t, p: ["query", "--text", "x"], "--index is required"),
@@ -333,8 +332,9 @@ def test_export_leaves_the_encoder_in_eval_mode(tiny, tmp_path):
 
 
 def test_export_matches_pytorch(tiny, tmp_path):
-    import onnxruntime as ort
     import json
+
+    import onnxruntime as ort
     paths = export.main(["--model-path", str(tiny["checkpoint"]), "--output", str(tmp_path / "onnx")])
     info = json.loads((tmp_path / "onnx" / "export.json").read_text())
     model, tokenizer, cfg = load_trained(str(tiny["checkpoint"]), CPU)  # a fresh, untouched model

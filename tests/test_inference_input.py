@@ -52,7 +52,7 @@ def eval_args(tiny, output, *extra):
     args = {"--config": DEMO_EVAL_CONFIG, "--model-path": str(tiny["checkpoint"]),
             "--valid-root": str(tiny["captions"].parent), "--num-workers": "0", "--device": "cpu",
             "--output": str(output)}
-    args.update(zip(extra[::2], extra[1::2]))
+    args.update(zip(extra[::2], extra[1::2], strict=True))
     return [token for pair in args.items() for token in pair]
 
 
@@ -167,7 +167,8 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(tiny, tmp_path):
                                          "--output", str(tmp_path / "i")]))
     assert "is a file, not a folder" in message
     for args in (["--labels-file", str(folder)], ["--labels", "a,b", "--templates-file", str(folder)]):
-        message = fails(lambda: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, *args]))
+        message = fails(lambda args=args: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image,
+                                                         *args]))
         assert "is a folder, not a file" in message and "does not exist" not in message
     message = fails(lambda: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", str(folder),
                                            "--labels", "a,b"]))
@@ -206,7 +207,8 @@ def test_index_output_that_is_a_file_or_holds_something_else(tiny, tmp_path):
 def test_non_utf8_text_files_and_bad_templates_are_one_line_errors(tiny, tmp_path, capsys):
     picture, image = jpeg(tmp_path / "labels.jpg"), image_path(tiny)
     for args in (["--labels-file", str(picture)], ["--labels", "a,b", "--templates-file", str(picture)]):
-        message = fails(lambda: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image, *args]))
+        message = fails(lambda args=args: classify.main(["--model-path", str(tiny["checkpoint"]), "--image", image,
+                                                         *args]))
         assert "not UTF-8 text" in message and str(picture) in message
     message = fails(lambda: search.main(["query", "--model-path", str(tiny["checkpoint"]), "--captions",
                                          str(picture), "--image", image]))
@@ -293,7 +295,7 @@ def test_server_and_classify_measure_a_jpeg_at_its_reduced_decoding_scale(tiny, 
             assert r.status_code == 200 and len(classify.main(args)[0]["labels"]) == 2
         else:
             assert r.status_code == 413 and "250x250" in r.json()["detail"]
-            assert "250x250" in fails(lambda: classify.main(args))
+            assert "250x250" in fails(lambda args=args: classify.main(args))
 
 
 # ---------------------------------------------------------------------- 10. the HTTP API

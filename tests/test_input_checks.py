@@ -206,7 +206,8 @@ def test_a_finished_dataset_is_replaced_only_with_overwrite(tmp_path):
     assert listing(out) == (["9.jpg"], "filename,caption\n9.jpg,caption 0 of 9.jpg\n9.jpg,caption 1 of 9.jpg\n")
     # an input inside the images/ that --overwrite would remove is refused, and stays
     inner = coco_source(out / "images" / "src", ["5.jpg"])
-    with pytest.raises(SystemExit, match=r"src/captions.json is inside .*out/images, which --overwrite true would remove"):
+    with pytest.raises(SystemExit,
+                       match=r"src/captions.json is inside .*out/images, which --overwrite true would remove"):
         prepare_data.main(inner + ["--output", str(out), "--overwrite", "true"])
     assert (out / "images" / "src" / "images" / "5.jpg").is_file() and (out / "captions.csv").is_file()
 

@@ -11,8 +11,15 @@ import torch
 import eval as eval_script
 from engine.checkpoint import load_trained
 from engine.evaluation import Encoding, encode_image_files, encode_texts, evaluate
-from engine.metrics import (fold_metrics, format_table, grouped_text_ranks, retrieval_metrics, retrieval_ranks,
-                            summarize, text_groups)
+from engine.metrics import (
+    fold_metrics,
+    format_table,
+    grouped_text_ranks,
+    retrieval_metrics,
+    retrieval_ranks,
+    summarize,
+    text_groups,
+)
 from tests.helpers import DEMO_EVAL_CONFIG, one_line_exit, write_csv
 
 

@@ -152,7 +152,7 @@ def launch_two_nodes(train_args, logs, timeout=LAUNCH_TIMEOUT):
             f.close()
     report = "\n".join(f"--- node {n}: exit {p.returncode}{f' ({why})' if was_killed else ''}; "
                        f"{stderr_summary(err)}" for n, (p, was_killed, (_, err)) in
-                       enumerate(zip(procs, killed, texts)))
+                       enumerate(zip(procs, killed, texts, strict=True)))
     assert all(p.returncode == 0 for p in procs), report
     return texts
 
@@ -335,7 +335,7 @@ def test_an_epoch_of_shards_is_one_pass_over_its_pairs(data):
     loader = shards_module.shard_loader(data["shards"], image_transform(32), PairCollate(tokenizer, 32), PAIRS,
                                         samples_per_epoch=PAIRS, min_size=32)  # as train.py with 1 process
     (batch,) = list(loader)
-    pairs = Counter(zip(batch["image_ids"].tolist(), map(tuple, batch["input_ids"].tolist())))
+    pairs = Counter(zip(batch["image_ids"].tolist(), map(tuple, batch["input_ids"].tolist()), strict=True))
     assert len(pairs) == PAIRS and set(pairs.values()) == {1}
 
 

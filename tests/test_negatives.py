@@ -20,7 +20,7 @@ def lse(xs):
 
 
 def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
+    return sum(x * y for x, y in zip(a, b, strict=True))
 
 
 # ------------------------------------------------------------------ values by hand

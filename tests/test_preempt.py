@@ -273,7 +273,8 @@ def test_the_feature_queue_momentum_towers_and_hard_negatives_train_and_resume_e
     assert (ckpt["loss"]["queue.ids"] >= 0).all()  # every slot holds a queued pair
     # the momentum copies moved away from the trained towers (0.9 of the way behind them each step)
     model = ckpt["model"]
-    moved = [n for n, w in model.items() if w.is_floating_point() and not torch.equal(ckpt["momentum"]["towers." + n], w)]
+    moved = [n for n, w in model.items()
+             if w.is_floating_point() and not torch.equal(ckpt["momentum"]["towers." + n], w)]
     assert len(moved) > 10
     assert all(math.isfinite(loss) for _, loss, _ in losses(whole))
 

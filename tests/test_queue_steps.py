@@ -59,7 +59,7 @@ def test_gradcache_gives_the_plain_steps_gradients_and_queue(tiny_data, momentum
     plain, cached = build(text_dir, momentum), build(text_dir, momentum)
     h_plain = run(*plain, text_dir, range(3))
     h_cached = run(*cached, text_dir, range(3), micro=4)
-    for (loss_p, g_p), (loss_c, g_c) in zip(h_plain, h_cached):
+    for (loss_p, g_p), (loss_c, g_c) in zip(h_plain, h_cached, strict=True):
         assert loss_c == pytest.approx(loss_p, abs=1e-5)
         assert_same(g_p, g_c)
     for k, v in plain[1].state_dict().items():
@@ -107,11 +107,11 @@ def test_resume_continues_exactly(tiny_data):
     resumed = build(text_dir, 0.9)
     with torch.no_grad():  # fresh objects that differ from the saved ones until loaded
         next(resumed[0].parameters()).add_(1.0)
-    for obj, state in zip(resumed, saved):
+    for obj, state in zip(resumed, saved, strict=True):
         obj.load_state_dict(state)
     h_resumed = run(*resumed, text_dir, range(2, 4))
     assert [h[0] for h in h_resumed] == [h[0] for h in h_straight[2:]]
-    for a, b in zip(straight[:3], resumed[:3]):
+    for a, b in zip(straight[:3], resumed[:3], strict=True):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])]
@@ -142,7 +142,7 @@ def check_feature_steps(result_path):
     for r in range(2):
         steps, queue = torch.load(f"{result_path}.features.{r}", weights_only=True)
         part = slice(r * 4, (r + 1) * 4)
-        for got, want in zip(steps, one):
+        for got, want in zip(steps, one, strict=True):
             assert got["loss"] == pytest.approx(want["loss"], abs=1e-6) and got["acc"] == want["acc"]
             # the gather's backward sums over the 2 processes; DDP's averaging divides it back out
             assert torch.allclose(got["img"], 2 * want["img"][part], atol=1e-6)

@@ -9,8 +9,19 @@ import torch
 from engine import step as step_module
 from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss
-from tests.helpers import (B, ROOT, NoScaler, assert_same, free_port, grads, spawn, tiny_batch, tiny_model,
-                           tiny_train_args)
+from tests.helpers import (
+    ROOT,
+    B,
+    NoScaler,
+    assert_same,
+    free_port,
+    grads,
+    spawn,
+    tiny_batch,
+    tiny_model,
+    tiny_train_args,
+)
+
 
 def chunked_reference(model, batch, micro):
     """The full-batch loss on features encoded chunk by chunk *with* graphs: same dropout draws as GradCache."""

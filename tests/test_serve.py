@@ -10,7 +10,6 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-
 from inference import index as search_index
 from inference import serve
 from inference.encoder import DEFAULT_TEMPLATES
@@ -89,7 +88,8 @@ def test_classify_probabilities(client, encoder, index_dir):
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-4)
     names = ["circle", "square", "triangle", "star"]
     want = encoder.classify(encoder.encode_images([path]), names, DEFAULT_TEMPLATES)[0]
-    assert {x["label"]: x["prob"] for x in labels} == pytest.approx(dict(zip(names, want.tolist())), abs=1e-5)
+    want_by_name = dict(zip(names, want.tolist(), strict=True))
+    assert {x["label"]: x["prob"] for x in labels} == pytest.approx(want_by_name, abs=1e-5)
 
 
 def truncated_jpeg(tiny):

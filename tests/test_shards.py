@@ -10,12 +10,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from tools import demo
 from dataset import PairCollate, PairDataset, image_transform, make_loader, read_captions
 from engine.shards import ShardError, expand_pattern, shard_loader
 from loss import ContrastiveLoss
 from model import load_tokenizer
-from tools import prepare_data
+from tools import demo, prepare_data
 from tools.shards import write_shards
 
 # (file name, number of captions): PNGs and JPEGs, 1-3 captions each, 15 pairs in all
@@ -47,13 +46,13 @@ def image_ids():
 
 def collect(items):
     """A collate_fn that keeps the captions as text, so tests can compare pairs."""
-    images, captions, ids, skipped = zip(*items)
+    images, captions, ids, skipped = zip(*items, strict=True)
     return {"images": torch.stack(images), "captions": list(captions), "image_ids": torch.tensor(ids),
             "skipped": sum(skipped)}
 
 
 def pairs_of(batches):
-    return [(int(i), c) for b in batches for i, c in zip(b["image_ids"], b["captions"])]
+    return [(int(i), c) for b in batches for i, c in zip(b["image_ids"], b["captions"], strict=True)]
 
 
 @pytest.fixture
@@ -259,7 +258,7 @@ def test_the_loss_equals_the_folder_loaders_on_the_same_pairs(shards, tmp_path, 
     assert len(from_folder) == len(from_shards) == 3
     loss_fn = ContrastiveLoss()
     masked = 0
-    for a, b in zip(from_folder, from_shards):
+    for a, b in zip(from_folder, from_shards, strict=True):
         for key in ("images", "input_ids", "attention_mask", "image_ids"):
             assert torch.equal(a[key], b[key])
         loss_a = loss_fn(*fixed_features(a), 10.0, a["image_ids"])["loss"]

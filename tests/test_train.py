@@ -162,7 +162,8 @@ def test_missing_checkpoint_and_batch_too_big_are_clear(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="checkpoint '.*none.pt' does not exist"):
         eval_script.main(["--config", DEMO_EVAL_CONFIG, "--model-path", str(tmp_path / "none.pt"),
                           "--output", str(tmp_path / "eval.json")])
-    with pytest.raises(SystemExit, match="has 40 training pairs after holding out 4 images for selection, fewer than one batch \\(64\\)"):
+    with pytest.raises(SystemExit, match=r"has 40 training pairs after holding out 4 images for selection, "
+                                         r"fewer than one batch \(64\)"):
         train.main(tiny_train_args(tiny_data, tmp_path, "--batch-size", "64"))
 
 

@@ -30,7 +30,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 230), 
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = {"small": 0.16, "large": 0.28}  # radius as a fraction of the image side
 PLACES = {(r, c): name for (r, c), name in zip(itertools.product(range(3), range(3)), (
-    "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"))}
+    "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"), strict=True)}
 
 # Ways of saying the same thing, so the text tower has to learn meanings rather than strings.
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}

@@ -50,10 +50,11 @@ dropped. Image names that would not read back from captions.csv as written (tabs
 leading spaces) are renamed, the mapping in OUT/renamed.json (tools/readable_names.py). Every
 image and captions.csv is written to a temporary name and then renamed, so a file that exists is
 complete, and captions.csv is written last. A run stopped part-way (no captions.csv yet) is
-resumed by the same command: it skips images already present and redoes only the rest. OUT/prepare.json records the settings a run started with; a rerun with other
-settings (e.g. another --resize) is refused, as is an OUT that already holds a finished
-dataset, unless --overwrite true (see tools/prepare_output.py). Images that cannot be decoded
-while resizing are listed in OUT/unreadable.txt and their captions are left out of captions.csv.
+resumed by the same command: it skips images already present and redoes only the rest.
+OUT/prepare.json records the settings a run started with; a rerun with other settings (e.g. another --resize) is
+refused, as is an OUT that already holds a finished dataset, unless --overwrite true (see tools/prepare_output.py).
+Images that cannot be decoded while resizing are listed in OUT/unreadable.txt and their captions are left out of
+captions.csv.
 """
 import argparse
 import csv
@@ -198,18 +199,18 @@ def prepare(items_in, args):
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(str(folder))  # what a killed earlier run left half-written
     sources = [item.src if isinstance(item.src, Embedded) else str(item.src) for item in items]
-    errors = place_images([(src, str(images_dir / item.name), args.resize) for src, item in zip(sources, items)],
-                          args.workers)
+    jobs = [(src, str(images_dir / item.name), args.resize) for src, item in zip(sources, items, strict=True)]
+    errors = place_images(jobs, args.workers)
 
     # rewritten on every run: images that failed before are retried, as they have no output
     report = args.output / "unreadable.txt"
-    unreadable = [(item, error) for item, error in zip(items, errors) if error]
+    unreadable = [(item, error) for item, error in zip(items, errors, strict=True) if error]
     if unreadable:
         atomic_write(report, lambda f: f.writelines(f"{item.src}\t{error}\n"
                                                     for item, error in unreadable))
     else:
         report.unlink(missing_ok=True)
-    kept = [item for item, error in zip(items, errors) if not error]
+    kept = [item for item, error in zip(items, errors, strict=True) if not error]
     record = args.output / readable_names.RECORD  # {name in the source: name in captions.csv}
     if renamed:
         write_json(record, renamed)

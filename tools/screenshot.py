@@ -70,7 +70,7 @@ def shoot(url, a):
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=a.output, full_page=True)
         browser.close()
-    return top, list(zip(names, widths))
+    return top, list(zip(names, widths, strict=True))
 
 
 def run(a):

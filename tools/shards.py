@@ -76,7 +76,8 @@ def write_shards(input_root, output_dir, shard_size, overwrite=False, progress=T
     sizes = {}
     for index, chunk in enumerate(tqdm(chunks, desc="shards", unit="shard", disable=not progress)):
         name = shard_name(index)
-        atomic_write(os.path.join(output_dir, name), lambda f: _write_shard(f, input_root, chunk, ids), binary=True)
+        atomic_write(os.path.join(output_dir, name), lambda f, chunk=chunk: _write_shard(f, input_root, chunk, ids),
+                     binary=True)
         sizes[name] = sum(len(captions) for _, captions in chunk)
     for stale in set(old) - set(sizes):
         os.remove(os.path.join(output_dir, stale))
