@@ -155,10 +155,17 @@ def two_processes(args, signal_step=0, die=False):
     return [p.exitcode for p in procs]
 
 
-def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(tiny_data, tmp_path):
-    """Only rank 1 is signalled: both agree to stop after the same step, rank 0 saves once, the resume is exact."""
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
+@pytest.fixture(scope="module")
+def whole_two(tiny_data, tmp_path_factory):
+    """An unbroken run of RUN in two gloo processes: what every stopped two-process run below must end as."""
+    whole = tmp_path_factory.mktemp("whole-two")
     assert two_processes(tiny_train_args(tiny_data, whole, *RUN)) == [0, 0]
+    return whole
+
+
+def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(tiny_data, whole_two, tmp_path):
+    """Only rank 1 is signalled: both agree to stop after the same step, rank 0 saves once, the resume is exact."""
+    whole, cut = whole_two, tmp_path / "cut"
     args = tiny_train_args(tiny_data, cut, *RUN, "--load-checkpoint", "auto")
     # each process takes 4 of the global batch of 8: 5 steps an epoch, as with one process
     assert two_processes(args, signal_step=STEPS + 2) == [STOPPED_EXIT, STOPPED_EXIT]
@@ -224,10 +231,7 @@ def finish(proc, err, timeout=300):
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_at_a_random_moment_then_the_same_command_gives_the_unbroken_runs_weights(tiny_data, tmp_path,
-                                                                                           processes):
-    whole = tmp_path / "whole"
-    rc, err = finish(*start(command(tiny_data, whole, processes), tmp_path / "whole.err"))
-    assert rc == 0, err[-3000:]
+                                                                                           processes, request):
     cut = tmp_path / "cut"
     proc, err = start(command(tiny_data, cut, processes), tmp_path / "cut.err")
     # a random moment of the first epoch: wait for its progress bar, then a random share of an epoch's time
@@ -242,11 +246,19 @@ def test_sigterm_at_a_random_moment_then_the_same_command_gives_the_unbroken_run
     stopped = [ln for ln in text.splitlines() if ln.startswith("stopped by")]
     assert rc in (0, STOPPED_EXIT, 1), text[-3000:]  # torchrun reports its stopped workers as failed: 1
     assert len(stopped) <= 1, text[-3000:]  # one line for the run, never one per process
+    if processes == 1:  # the unbroken run, started now: it trains alongside the resumed one, one core each
+        whole = tmp_path / "whole"
+        unbroken = start(command(tiny_data, whole, processes), tmp_path / "whole.err")
+    else:  # the same training in two gloo processes, started by spawn instead of torchrun: shared, not run again
+        whole = request.getfixturevalue("whole_two")
     for attempt in range(3):  # the requeued job: the same command until it finishes
         rc, text = finish(*start(command(tiny_data, cut, processes), tmp_path / f"again{attempt}.err"))
         if rc == 0:
             break
     assert rc == 0, f"SIGTERM after {delay:.2f} s: {text[-3000:]}"
+    if processes == 1:
+        rc, err = finish(*unbroken)
+        assert rc == 0, err[-3000:]
     assert_same_weights(cut, whole), f"SIGTERM after {delay:.2f} s"
     assert losses(cut) == losses(whole)
 

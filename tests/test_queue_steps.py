@@ -75,10 +75,19 @@ def test_gradcache_gives_the_plain_steps_gradients_and_queue(tiny_data, momentum
     assert abs(h_none[1][0] - h_plain[1][0]) > 1e-3
 
 
-def test_momentum_queue_holds_the_average_towers_features(tiny_data):
+@pytest.fixture(scope="module")
+def two_steps(tiny_data):
+    """(model, loss, momentum towers, optimizer) after steps 0 and 1 with momentum 0.9, in this process: what three
+    tests below start from or compare with. They only read it (a change would show as a mismatch there)."""
     text_dir = tiny_data / "text"
-    model, loss_fn, towers, opt = build(text_dir, 0.9)
-    run(model, loss_fn, towers, opt, text_dir, range(2))
+    trained = build(text_dir, 0.9)
+    losses = [h[0] for h in run(*trained, text_dir, range(2))]
+    return trained, losses
+
+
+def test_momentum_queue_holds_the_average_towers_features(tiny_data, two_steps):
+    text_dir = tiny_data / "text"
+    (model, loss_fn, towers, _), _ = two_steps
     # step 1 moved the towers (towards the weights step 0 left) and queued their features of batch 1, after
     # batch 0's 16 pairs: slots 16-23 and, wrapped, 0-7
     img, txt = towers.encode(step_batch(text_dir, 1), NO_AMP)
@@ -97,12 +106,11 @@ def save_and_load(module):
     return torch.load(f, weights_only=True)
 
 
-def test_resume_continues_exactly(tiny_data):
+def test_resume_continues_exactly(tiny_data, two_steps):
     text_dir = tiny_data / "text"
     straight = build(text_dir, 0.9)
     h_straight = run(*straight, text_dir, range(4))
-    first = build(text_dir, 0.9)
-    run(*first, text_dir, range(2))
+    first, _ = two_steps  # steps 0 and 1
     saved = [save_and_load(m) for m in first]  # model, loss (with its queue), momentum towers, optimizer
     resumed = build(text_dir, 0.9)
     with torch.no_grad():  # fresh objects that differ from the saved ones until loaded
@@ -167,11 +175,10 @@ def model_worker(rank, world_size, port, text_dir, result_path):
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_keep_one_processs_queue_loss_and_update(tiny_data, tmp_path):
+def test_two_processes_keep_one_processs_queue_loss_and_update(tiny_data, two_steps, tmp_path):
     """One pair of processes for two checks: the loss on fixed features, then training with gradient caching."""
     text_dir = tiny_data / "text"
-    one = build(text_dir, 0.9)
-    losses = [h[0] for h in run(*one, text_dir, range(2))]
+    one, losses = two_steps
     spawn(model_worker, text_dir, tmp_path / "result")
     check_feature_steps(tmp_path / "result")
     for r in range(2):

@@ -2,10 +2,10 @@
 W&B in offline mode read back from the file it writes; the one-line error without the package."""
 import glob
 import json
+import multiprocessing
 import os
 import signal
 import struct
-import subprocess
 import sys
 import time
 
@@ -20,7 +20,7 @@ from engine.config import ConfigError
 from engine.optim import param_groups
 from engine.reporting import Reporter, parse_targets, recall_scalars, report_to_rule, step_scalars
 from loss import make_loss
-from tests.helpers import ROOT, tiny_batch, tiny_model
+from tests.helpers import tiny_batch, tiny_model
 
 STEPS_PER_EPOCH, EPOCHS, EVERY = 5, 3, 2
 KILLED = 1000.0  # added to everything the killed run logs, so its orphaned points can be told apart
@@ -66,9 +66,17 @@ def simulate(folder, offset=0.0, kill_at=None):
 
 
 def killed_run(folder, kill_at):
-    code = f"from tests.test_reporting import simulate; simulate({str(folder)!r}, {KILLED}, {kill_at!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    """simulate() in a process of its own that kills itself with SIGKILL at `kill_at`. It is forked from this one,
+    which has imported torch and TensorBoard already: a fresh Python would spend seconds importing them again."""
+    child = multiprocessing.get_context("fork").Process(target=forked_simulate, args=(str(folder), kill_at))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL, child.exitcode  # its stderr is in this test's captured output
+
+
+def forked_simulate(folder, kill_at):
+    torch.set_num_threads(1)  # as a DataLoader worker does: the parent's OpenMP threads are not in the fork
+    simulate(folder, KILLED, kill_at)
 
 
 def read_events(folder):

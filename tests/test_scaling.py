@@ -86,10 +86,8 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_data):
     assert_same(g_plain, grads(model))
 
 
-def ddp_worker(rank, world_size, port, text_dir, micro, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
+def ddp_step(rank, world_size, text_dir, micro):
+    """One SGD step of the tiny model on this process's half of the batch, through DDP."""
     model = tiny_model(text_dir, dropout=0.0)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     batch = tiny_batch(text_dir)
@@ -102,14 +100,35 @@ def ddp_worker(rank, world_size, port, text_dir, micro, result_path):
     else:
         out = plain_step(ddp, loss_fn, local, amp, NoScaler())
     opt.step()
-    if rank == 0:
-        torch.save((out["loss"].item(), model.state_dict()), result_path)
+    return out["loss"].item(), model.state_dict()
+
+
+MICRO = (None, 4)
+
+
+def ddp_worker(rank, world_size, port, text_dir, result_dir):
+    """The step without and with gradient caching, in one pair of processes (starting one costs seconds)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    for micro in MICRO:
+        result = ddp_step(rank, world_size, text_dir, micro)
+        if rank == 0:
+            torch.save(result, os.path.join(result_dir, f"rank0-{micro}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("micro", [None, 4])
-def test_two_processes_match_one_process(tiny_data, micro, tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(tiny_data, tmp_path_factory):
+    """The folder of rank 0's loss and weights after the step, one file per micro-batch setting."""
+    result_dir = tmp_path_factory.mktemp("scaling-two-processes")
+    spawn(ddp_worker, tiny_data / "text", str(result_dir))
+    return result_dir
+
+
+@pytest.mark.parametrize("micro", MICRO)
+def test_two_processes_match_one_process(tiny_data, micro, two_processes):
     text_dir = tiny_data / "text"
     model = tiny_model(text_dir, dropout=0.0)
     # SGD: the update is linear in the gradient. (Adam's first step divides by |g|, so rounding noise in
@@ -118,9 +137,7 @@ def test_two_processes_match_one_process(tiny_data, micro, tmp_path):
     out = plain_step(model, ContrastiveLoss(), tiny_batch(text_dir), torch.autocast("cpu", enabled=False),
                      NoScaler())
     opt.step()
-    result_path = tmp_path / "rank0.pt"
-    spawn(ddp_worker, text_dir, micro, result_path)
-    loss, state = torch.load(result_path)
+    loss, state = torch.load(two_processes / f"rank0-{micro}.pt")
     assert loss == pytest.approx(out["loss"].item(), abs=1e-5)
     for k, v in model.state_dict().items():
         assert torch.allclose(v, state[k], atol=1e-5), k

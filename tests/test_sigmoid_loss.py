@@ -96,21 +96,10 @@ def feature_grads(img, txt, ids, rank=0, world_size=1):
             "scale": scale.grad, "bias": loss_fn.bias.grad}
 
 
-def feature_worker(rank, world_size, port, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    img, txt = feature_batch()
-    part = slice(rank * N_FEAT // world_size, (rank + 1) * N_FEAT // world_size)
-    torch.save(feature_grads(img[part], txt[part], FEAT_IDS[part], rank, world_size),
-               os.path.join(result_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
-
-
-def test_two_processes_give_the_loss_and_gradients_of_one(tmp_path):
+def test_two_processes_give_the_loss_and_gradients_of_one(two_processes):
     img, txt = feature_batch()
     one = feature_grads(img, txt, FEAT_IDS)
-    spawn(feature_worker, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(two_processes / f"features.{r}") for r in range(2)]
     for r, got in enumerate(ranks):
         assert got["loss"].item() == pytest.approx(one["loss"].item(), abs=1e-6)
         assert got["acc_i2t"].item() == one["acc_i2t"].item()
@@ -149,10 +138,8 @@ def test_gradcache_equals_full_batch_with_bias(tiny_data):
     assert plain_loss.bias.grad.abs() > 1e-3
 
 
-def model_worker(rank, world_size, port, text_dir, micro, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
+def model_step(rank, world_size, text_dir, micro):
+    """One step of the tiny model with the sigmoid loss on this process's half of the batch, through DDP."""
     model = tiny_model(text_dir, dropout=0.0)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     local = {k: v[rank * B // world_size:(rank + 1) * B // world_size] for k, v in tiny_batch(text_dir).items()}
@@ -163,13 +150,38 @@ def model_worker(rank, world_size, port, text_dir, micro, result_path):
     else:
         out = plain_step(ddp, loss_fn, local, NO_AMP, NoScaler())
     opt.step()  # the bias gradient as it is on this process: no all-reduce
-    torch.save((out["loss"].item(), model.state_dict(), loss_fn.state_dict()), f"{result_path}.{rank}")
+    return out["loss"].item(), model.state_dict(), loss_fn.state_dict()
+
+
+def worker(rank, world_size, port, text_dir, result_dir):
+    """Everything the two-process tests compare, in one pair of processes (starting one costs seconds): the
+    loss on fixed features, then a step of the tiny model without and with gradient caching."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    img, txt = feature_batch()
+    part = slice(rank * N_FEAT // world_size, (rank + 1) * N_FEAT // world_size)
+    torch.save(feature_grads(img[part], txt[part], FEAT_IDS[part], rank, world_size),
+               os.path.join(result_dir, f"features.{rank}"))
+    torch.set_num_threads(1)
+    for micro in MICRO:
+        torch.save(model_step(rank, world_size, text_dir, micro), os.path.join(result_dir, f"model-{micro}.{rank}"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("micro", [None, 4])
-def test_two_processes_update_model_and_bias_as_one(tiny_data, micro, tmp_path):
+MICRO = (None, 4)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_data, tmp_path_factory):
+    """The folder of what `worker` saved, one file per rank and check."""
+    result_dir = tmp_path_factory.mktemp("sigmoid-two-processes")
+    spawn(worker, tiny_data / "text", str(result_dir))
+    return result_dir
+
+
+@pytest.mark.parametrize("micro", MICRO)
+def test_two_processes_update_model_and_bias_as_one(tiny_data, micro, two_processes):
     text_dir = tiny_data / "text"
     model = tiny_model(text_dir, dropout=0.0)
     loss_fn = SigmoidLoss()
@@ -177,9 +189,8 @@ def test_two_processes_update_model_and_bias_as_one(tiny_data, micro, tmp_path):
     out = plain_step(model, loss_fn, tiny_batch(text_dir), NO_AMP, NoScaler())
     opt.step()
     assert loss_fn.bias.item() != -10.0
-    spawn(model_worker, text_dir, micro, tmp_path / "result")
     for r in range(2):
-        loss, state, loss_state = torch.load(f"{tmp_path / 'result'}.{r}")
+        loss, state, loss_state = torch.load(two_processes / f"model-{micro}.{r}")
         assert loss == pytest.approx(out["loss"].item(), abs=1e-5)
         assert loss_state["bias"].item() == pytest.approx(loss_fn.bias.item(), abs=1e-6)
         for k, v in model.state_dict().items():

@@ -95,9 +95,11 @@ def test_eval_prints_both_protocols_from_one_encoding_pass(trained, tiny_data, c
 
 
 def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypatch):
-    # augmentation on: the random crops and the batched colour jitter must replay exactly after a resume too
+    # augmentation on: the random crops and the batched colour jitter must replay exactly after a resume too;
+    # batches of 20 pairs: two steps an epoch are enough for a stop and resume at an epoch's end
+    run = ("--epochs", "3", "--use-augment", "true", "--batch-size", "20")
     straight = tmp_path / "straight"
-    train.main(tiny_train_args(tiny_data, straight, "--epochs", "3", "--use-augment", "true"))
+    train.main(tiny_train_args(tiny_data, straight, *run))
 
     # Same run, killed during the validation of its last epoch (after epoch 1 was saved) ...
     interrupted = tmp_path / "interrupted"
@@ -111,13 +113,12 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path, monkeypa
 
     monkeypatch.setattr(loop, "evaluate", dying_evaluate)
     with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line and the shell's status 130
-        train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--use-augment", "true"))
+        train.main(tiny_train_args(tiny_data, interrupted, *run))
     assert stopped.value.code == 130
     monkeypatch.setattr(loop, "evaluate", real_evaluate)
     assert load_checkpoint(str(interrupted / "last.pt"))["epoch"] == 1
     # ... then resumed: the weights must equal those of the uninterrupted run.
-    train.main(tiny_train_args(tiny_data, interrupted, "--epochs", "3", "--use-augment", "true",
-                               "--load-checkpoint", "true",
+    train.main(tiny_train_args(tiny_data, interrupted, *run, "--load-checkpoint", "true",
                                "--load-path", str(interrupted / "last.pt")))
     a = load_checkpoint(str(straight / "last.pt"))
     b = load_checkpoint(str(interrupted / "last.pt"))
@@ -176,7 +177,9 @@ def canned_metrics(rsum):
 def test_patience_stops_after_epochs_without_a_better_selection_score(tiny_data, tmp_path, monkeypatch):
     scores = iter([1.0, 2.0, 1.5, 1.4, 1.3, 1.2])
     monkeypatch.setattr(loop, "evaluate", lambda *a, **k: canned_metrics(next(scores)))
-    history = train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "5", "--patience", "2"))
+    # one batch of all 40 pairs an epoch: the scores are canned, so what is trained does not matter here
+    history = train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "5", "--patience", "2", "--batch-size",
+                                         "40"))
     lines = [json.loads(s) for s in open(tmp_path / "metrics.jsonl")]
     assert [r["epoch"] for r in lines] == [0, 1, 2, 3]  # best at epoch 1, two epochs without better: stop
     assert load_checkpoint(str(tmp_path / "best.pt"))["epoch"] == 1
