@@ -2,11 +2,10 @@
 nothing until the new run has an epoch to put in its place, two runs never write the same files at once, and
 output paths that cannot work are one-line errors before anything is read."""
 import json
+import multiprocessing
 import os
 import shutil
-import signal
-import subprocess
-import sys
+import time
 import warnings
 
 import pytest
@@ -16,7 +15,7 @@ import train
 from engine import loop, rundir
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
-from tests.helpers import ROOT, one_line_exit, tiny_train_args
+from tests.helpers import one_line_exit, tiny_train_args
 from tools import demo
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "report.json", "curves.png")
@@ -169,39 +168,37 @@ def test_a_lone_report_of_another_run_is_refused_too(tiny_data, tmp_path):
 
 
 # ---------------------------------------------------------------------- one run at a time on the same files
-HOLD = """
-import sys, time
-sys.path.insert(0, {root!r})
-from engine import rundir
-with rundir.locked({{"last-path": {last!r}}}):
-    print("holding", flush=True)
-    time.sleep(600)
-"""
+def hold_lock(last, holding):
+    """A training run's lock on the files of `last`, held until this process is killed."""
+    with rundir.locked({"last-path": last}):
+        holding.set()
+        time.sleep(600)
 
 
-def test_a_second_run_on_the_same_files_fails_at_once_naming_the_first(tiny_data, tmp_path):
+def test_a_second_run_on_the_same_files_fails_at_once_naming_the_first(tiny_data, tmp_path, monkeypatch):
     last = str(tmp_path / "last.pt")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT, last=last)], stdout=subprocess.PIPE,
-                              text=True)
+    # a process of its own, forked from this one, which has imported torch already (a fresh Python takes seconds)
+    fork = multiprocessing.get_context("fork")
+    holding = fork.Event()
+    holder = fork.Process(target=hold_lock, args=(last, holding))
+    holder.start()
     try:
-        assert holder.stdout.readline().strip() == "holding"
+        assert holding.wait(timeout=120)
         with pytest.raises(SystemExit) as e:
             train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1"))
         assert f"another training run (pid {holder.pid}) is writing to {tmp_path}" in one_line_exit(e)
         assert not (tmp_path / "last.pt").exists()
     finally:
-        holder.send_signal(signal.SIGKILL)  # killed, as a crashed run is: its lock must not block the next
-        holder.wait()
-    train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1"))
-    assert [e["epoch"] for e in rundir.read_log(str(tmp_path / "metrics.jsonl"))] == [0]
+        holder.kill()  # SIGKILL, as a crashed run is killed: its lock must not block the next
+        holder.join()
 
-
-def test_the_lock_is_held_while_training(tiny_data, tmp_path, monkeypatch):
+    # the next run starts, and holds the lock itself while it trains (taking it again from its epoch is refused,
+    # naming this process), and releases it when it ends
     real, tries = loop.train_one_epoch, []
 
     def train_one_epoch(*a, **k):
         with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
-            with rundir.locked({"last-path": str(tmp_path / "last.pt")}):
+            with rundir.locked({"last-path": last}):
                 pass
         tries.append(1)
         return real(*a, **k)
@@ -209,7 +206,8 @@ def test_the_lock_is_held_while_training(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
     train.main(tiny_train_args(tiny_data, tmp_path, "--epochs", "1"))
     assert tries == [1]
-    with rundir.locked({"last-path": str(tmp_path / "last.pt")}):  # released when the run ends
+    assert [e["epoch"] for e in rundir.read_log(str(tmp_path / "metrics.jsonl"))] == [0]
+    with rundir.locked({"last-path": last}):  # released when the run ended
         pass
 
 
