@@ -1,15 +1,26 @@
 """Shared fixtures; the helpers they use are in tests/helpers.py."""
 import pytest
 
+import train
 from inference import index as search_index
 from inference.encoder import Encoder
-from tests.helpers import make_tiny_data, tiny_run
+from tests.helpers import make_tiny_data, tiny_run, tiny_train_args
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """train/ (24 images x 2 captions), valid/ (12 images x 1 caption), text/ (a 1-layer RoBERTa)."""
     return make_tiny_data(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data, tmp_path_factory):
+    """(folder, train.main's history) of a run with tiny_train_args' defaults (2 epochs of 5 steps), trained once
+    per session for test_train and test_runs_table: tests read its files or copy the folder, and add no more than
+    their own outputs (eval.py's JSON) to it."""
+    out = tmp_path_factory.mktemp("run")
+    history = train.main(tiny_train_args(tiny_data, out))
+    return out, history
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,9 @@ from tools import runs
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_data, tmp_path_factory):
+def folders(tiny_data, trained, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
-    train.main(tiny_train_args(tiny_data, base / "a"))
+    shutil.copytree(trained[0], base / "a")  # a run with tiny_train_args' defaults, as test_train reads it
     train.main(tiny_train_args(tiny_data, base / "b", "--learning-rate", "1e-3"))
     # nothing can improve at a vanishing rate with BatchNorm frozen: patience 1 stops after epoch 1 of 3
     train.main(tiny_train_args(tiny_data, base / "stopped", "--epochs", "3", "--patience", "1", "--freeze-bn", "true",

@@ -13,13 +13,6 @@ from engine.checkpoint import load_checkpoint
 from tests.helpers import DEMO_EVAL_CONFIG, tiny_train_args
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    history = train.main(tiny_train_args(tiny_data, out))
-    return out, history
-
-
 def test_training_writes_checkpoints_log_and_plot(trained):
     out, history = trained
     ckpt = load_checkpoint(str(out / "last.pt"))
