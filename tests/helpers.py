@@ -138,6 +138,12 @@ def spawn(target, *args, world_size=2):
         assert p.exitcode == 0
 
 
+def spawn_into(folder, target, *args):
+    """spawn(target, *args, folder): processes that save what the tests compare into `folder`; returns it."""
+    spawn(target, *args, str(folder))
+    return folder
+
+
 
 def one_line_exit(excinfo):
     """The message of an entry's SystemExit, checked to be one `error:` line with no traceback."""

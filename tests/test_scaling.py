@@ -16,7 +16,7 @@ from tests.helpers import (
     assert_same,
     free_port,
     grads,
-    spawn,
+    spawn_into,
     tiny_batch,
     tiny_model,
     tiny_train_args,
@@ -122,9 +122,7 @@ def ddp_worker(rank, world_size, port, text_dir, result_dir):
 @pytest.fixture(scope="module")
 def two_processes(tiny_data, tmp_path_factory):
     """The folder of rank 0's loss and weights after the step, one file per micro-batch setting."""
-    result_dir = tmp_path_factory.mktemp("scaling-two-processes")
-    spawn(ddp_worker, tiny_data / "text", str(result_dir))
-    return result_dir
+    return spawn_into(tmp_path_factory.mktemp("scaling-two-processes"), ddp_worker, tiny_data / "text")
 
 
 @pytest.mark.parametrize("micro", MICRO)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss, SigmoidLoss, make_loss
-from tests.helpers import B, NoScaler, assert_same, grads, spawn, tiny_batch, tiny_model
+from tests.helpers import B, NoScaler, assert_same, grads, spawn_into, tiny_batch, tiny_model
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 
@@ -153,6 +153,9 @@ def model_step(rank, world_size, text_dir, micro):
     return out["loss"].item(), model.state_dict(), loss_fn.state_dict()
 
 
+MICRO = (None, 4)
+
+
 def worker(rank, world_size, port, text_dir, result_dir):
     """Everything the two-process tests compare, in one pair of processes (starting one costs seconds): the
     loss on fixed features, then a step of the tiny model without and with gradient caching."""
@@ -169,15 +172,10 @@ def worker(rank, world_size, port, text_dir, result_dir):
     torch.distributed.destroy_process_group()
 
 
-MICRO = (None, 4)
-
-
 @pytest.fixture(scope="module")
 def two_processes(tiny_data, tmp_path_factory):
     """The folder of what `worker` saved, one file per rank and check."""
-    result_dir = tmp_path_factory.mktemp("sigmoid-two-processes")
-    spawn(worker, tiny_data / "text", str(result_dir))
-    return result_dir
+    return spawn_into(tmp_path_factory.mktemp("sigmoid-two-processes"), worker, tiny_data / "text")
 
 
 @pytest.mark.parametrize("micro", MICRO)
