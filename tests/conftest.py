@@ -1,10 +1,20 @@
 """Shared fixtures; the helpers they use are in tests/helpers.py."""
+import os
+
 import pytest
+import torch
 
 import train
 from inference import index as search_index
 from inference.encoder import Encoder
 from tests.helpers import make_tiny_data, tiny_run, tiny_train_args
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 (the README's command): two test processes share the cores. One torch thread each, and in every
+    # process a test starts: OpenMP threads that outnumber the cores spin against each other and run several
+    # times slower.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
