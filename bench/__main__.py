@@ -15,8 +15,66 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+
+SECTIONS = ("data", "train", "encode", "recall")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small model and short runs: about a minute on 2 CPU cores")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--output", default="bench.json", help="JSON results file")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--repeats", type=int, help="timed runs per item (median reported); default 3 quick, 5 full")
+    p.add_argument("--image-model", help="torchvision ResNet; default resnet18 quick, resnet50 full")
+    p.add_argument("--text-model", help="Hugging Face folder; default pretrains/roberta (full) when present, "
+                                        "else a small random RoBERTa generated here")
+    p.add_argument("--image-size", type=int, help="model input side for train/encode; default 64 quick, 224 full")
+    p.add_argument("--batch-size", type=int, help="default 32 quick, 64 full")
+    p.add_argument("--steps", type=int, help="distinct batches (train, encode), each timed --repeats times; "
+                                             "default 4 quick, 5 full")
+    p.add_argument("--workers", default="auto", help="data-loading workers (as num-workers in train.yaml)")
+    p.add_argument("--threads", type=int, help="torch threads in this process; default torch's own choice "
+                                               "(1 is steadier when other jobs share the CPU)")
+    p.add_argument("--data-images", type=int, help="generated 640x480 images (5 captions each); default 32/96")
+    p.add_argument("--recall-sizes", default="5000x5000,25000x5000", help="CAPTIONSxIMAGES,...")
+    p.add_argument("--loop-queries", type=int, help="loop queries timed per direction; default 300 quick, 2000 full")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile variants (CUDA only); auto = on in full mode")
+    a = p.parse_args(argv)
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        p.error(f"--only takes {', '.join(SECTIONS)}; got {', '.join(bad)}")
+    a.only = only
+    try:
+        a.recall_sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.recall_sizes.split(",")]
+    except ValueError:
+        a.recall_sizes = None
+    if not a.recall_sizes or not all(len(s) == 2 and min(s) > 0 for s in a.recall_sizes):
+        p.error("--recall-sizes takes CAPTIONSxIMAGES pairs, e.g. 5000x5000,25000x5000")
+    if a.workers != "auto":
+        if not a.workers.isdigit():
+            p.error("--workers takes auto or a whole number")
+        a.workers = int(a.workers)
+    quick = a.quick
+    defaults = {"repeats": (3, 5), "image_model": ("resnet18", "resnet50"), "image_size": (64, 224),
+                "batch_size": (32, 64), "steps": (4, 5), "data_images": (32, 96), "loop_queries": (300, 2000)}
+    for key, (q, full) in defaults.items():
+        if getattr(a, key) is None:
+            setattr(a, key, q if quick else full)
+    if a.text_model is None and not quick and os.path.isfile("pretrains/roberta/config.json"):
+        a.text_model = "pretrains/roberta"
+    return a
+
+
+# --help or a mistyped option is answered before torch, torchvision and transformers load (seconds, hundreds of MB):
+# the command line is checked here, and the heavy imports below run only once it parses.
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
 
 import torch
 from PIL import Image
@@ -27,9 +85,6 @@ from bench.workspace import Workspace
 from engine.errors import run_entry
 from engine.files import write_json
 from engine.runtime import resolve_device
-
-SECTIONS = ("data", "train", "encode", "recall")
-
 
 # ---------------------------------------------------------------- the report
 
@@ -101,55 +156,6 @@ def load_average():
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 # ---------------------------------------------------------------- main
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small model and short runs: about a minute on 2 CPU cores")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--output", default="bench.json", help="JSON results file")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--repeats", type=int, help="timed runs per item (median reported); default 3 quick, 5 full")
-    p.add_argument("--image-model", help="torchvision ResNet; default resnet18 quick, resnet50 full")
-    p.add_argument("--text-model", help="Hugging Face folder; default pretrains/roberta (full) when present, "
-                                        "else a small random RoBERTa generated here")
-    p.add_argument("--image-size", type=int, help="model input side for train/encode; default 64 quick, 224 full")
-    p.add_argument("--batch-size", type=int, help="default 32 quick, 64 full")
-    p.add_argument("--steps", type=int, help="distinct batches (train, encode), each timed --repeats times; "
-                                             "default 4 quick, 5 full")
-    p.add_argument("--workers", default="auto", help="data-loading workers (as num-workers in train.yaml)")
-    p.add_argument("--threads", type=int, help="torch threads in this process; default torch's own choice "
-                                               "(1 is steadier when other jobs share the CPU)")
-    p.add_argument("--data-images", type=int, help="generated 640x480 images (5 captions each); default 32/96")
-    p.add_argument("--recall-sizes", default="5000x5000,25000x5000", help="CAPTIONSxIMAGES,...")
-    p.add_argument("--loop-queries", type=int, help="loop queries timed per direction; default 300 quick, 2000 full")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile variants (CUDA only); auto = on in full mode")
-    a = p.parse_args(argv)
-    only = [s.strip() for s in a.only.split(",") if s.strip()]
-    bad = [s for s in only if s not in SECTIONS]
-    if bad:
-        p.error(f"--only takes {', '.join(SECTIONS)}; got {', '.join(bad)}")
-    a.only = only
-    try:
-        a.recall_sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.recall_sizes.split(",")]
-    except ValueError:
-        a.recall_sizes = None
-    if not a.recall_sizes or not all(len(s) == 2 and min(s) > 0 for s in a.recall_sizes):
-        p.error("--recall-sizes takes CAPTIONSxIMAGES pairs, e.g. 5000x5000,25000x5000")
-    if a.workers != "auto":
-        if not a.workers.isdigit():
-            p.error("--workers takes auto or a whole number")
-        a.workers = int(a.workers)
-    quick = a.quick
-    defaults = {"repeats": (3, 5), "image_model": ("resnet18", "resnet50"), "image_size": (64, 224),
-                "batch_size": (32, 64), "steps": (4, 5), "data_images": (32, 96), "loop_queries": (300, 2000)}
-    for key, (q, full) in defaults.items():
-        if getattr(a, key) is None:
-            setattr(a, key, q if quick else full)
-    if a.text_model is None and not quick and os.path.isfile("pretrains/roberta/config.json"):
-        a.text_model = "pretrains/roberta"
-    return a
-
 
 def amp_variants(device, report):
     """(use-amp, amp-dtype) settings to time: fp32 everywhere; on CUDA also fp16 and, where supported, bf16."""

@@ -14,19 +14,8 @@ reporting costs, so the cost of one report is also timed alone and compared with
 """
 import argparse
 import statistics
+import sys
 import tempfile
-
-import torch
-
-from bench.cases import random_batches
-from bench.workspace import Workspace, alternate, build
-from dataset import normalize
-from engine.errors import run_entry
-from engine.optim import build_optimizer
-from engine.reporting import Reporter, step_scalars
-from engine.runtime import resolve_device
-from engine.step import plain_step
-from loss import ContrastiveLoss
 
 
 def parse_args(argv):
@@ -39,6 +28,24 @@ def parse_args(argv):
     p.add_argument("--image-model", default="resnet18")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
+
+
+# --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
+# line is checked here, and the heavy imports below run only once it parses.
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
+
+import torch
+
+from bench.cases import random_batches
+from bench.workspace import Workspace, alternate, build
+from dataset import normalize
+from engine.errors import run_entry
+from engine.optim import build_optimizer
+from engine.reporting import Reporter, step_scalars
+from engine.runtime import resolve_device
+from engine.step import plain_step
+from loss import ContrastiveLoss
 
 
 def run(argv):

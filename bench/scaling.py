@@ -17,6 +17,31 @@ import subprocess
 import sys
 import time
 
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--image-model", default="resnet18", help="torchvision ResNet (random weights)")
+    p.add_argument("--image-size", type=int, default=128, help="input side in pixels")
+    p.add_argument("--text-layers", type=int, default=4, help="layers of the random RoBERTa")
+    p.add_argument("--text-hidden", type=int, default=256, help="hidden width of the random RoBERTa")
+    p.add_argument("--tokens", type=int, default=24, help="caption length in tokens")
+    p.add_argument("--batch", type=int, default=256, help="the large contrastive batch")
+    p.add_argument("--micro", type=int, default=32, help="micro-batch for gradient caching")
+    p.add_argument("--amp", action="store_true", help="CUDA fp16 autocast")
+    p.add_argument("--plain-large", action="store_true", help="also run the large batch without caching")
+    p.add_argument("--output", default="bench_scaling.json", help="JSON results file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# --help or a mistyped option is answered before torch and transformers load (seconds, hundreds of MB): the command
+# line is checked here, and the heavy imports below run only once it parses.
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
+
 import torch
 
 from engine.files import write_json
@@ -97,22 +122,7 @@ def one_config(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--image-model", default="resnet18", help="torchvision ResNet (random weights)")
-    p.add_argument("--image-size", type=int, default=128, help="input side in pixels")
-    p.add_argument("--text-layers", type=int, default=4, help="layers of the random RoBERTa")
-    p.add_argument("--text-hidden", type=int, default=256, help="hidden width of the random RoBERTa")
-    p.add_argument("--tokens", type=int, default=24, help="caption length in tokens")
-    p.add_argument("--batch", type=int, default=256, help="the large contrastive batch")
-    p.add_argument("--micro", type=int, default=32, help="micro-batch for gradient caching")
-    p.add_argument("--amp", action="store_true", help="CUDA fp16 autocast")
-    p.add_argument("--plain-large", action="store_true", help="also run the large batch without caching")
-    p.add_argument("--output", default="bench_scaling.json", help="JSON results file")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     if args.child:
         print(json.dumps(one_config(args)))
         return None

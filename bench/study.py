@@ -32,15 +32,6 @@ import subprocess
 import sys
 import time
 
-import yaml
-
-from bench import study_time
-from bench.study_table import METRICS, format_table, summarise
-from engine.checkpoint import load_checkpoint
-from engine.config import ConfigError, load_yaml
-from engine.errors import UserError, run_entry
-from engine.files import write_json
-from engine.rundir import LOG_NAME, read_log
 from tools.runs import TEXT_FORMATS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +42,45 @@ TRAIN_IMAGES = 712  # written once; base.yaml holds 200 out for selection, leavi
 RUN_FILE = "study-run.json"  # in each run folder: the command it ran and how long it took
 TIMED_KEYS = ("started", "stopped", "returncode")  # what an equal-time run's record adds
 
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--variants", help="comma-separated variants, the YAML files of configs/study/ "
+                                      "(default: all of them but base)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds; each variant runs once per seed")
+    p.add_argument("--output", help="JSON table; the runs go in folders beside it, one per variant and seed "
+                                    "(default checkpoints/study/study.json, or with --budget-seconds "
+                                    "checkpoints/study/time-<budget>s/study.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train.py config key for every run, after the variant's own (repeatable); "
+                        "relative paths are from the repository root")
+    p.add_argument("--train-images", type=int, default=TRAIN_IMAGES,
+                   help="training images to write when the study's data is absent (3 captions each)")
+    p.add_argument("--rerun", action="store_true",
+                   help="run again even where a run finished before (its report.json, or scored.json at equal time)")
+    p.add_argument("--budget-seconds", type=float, help="equal wall time: train every run for this many seconds "
+                                                         "(train.py's start-up included), then stop and score it")
+    p.add_argument("--grace-seconds", type=float, default=60.0,
+                   help="after the budget's SIGTERM, how long a run may take to stop before SIGKILL")
+    p.add_argument("--format", choices=TEXT_FORMATS, default="table",
+                   help="how the table is printed: aligned text, markdown (for the README) or csv")
+    return p.parse_args(argv)
+
+
+# --help or a mistyped option is answered before torch loads (seconds, hundreds of MB, through study_time and the
+# checkpoint reader): the command line is checked here, and the heavy imports below run only once it parses.
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
+
+import yaml
+
+from bench import study_time
+from bench.study_table import METRICS, format_table, summarise
+from engine.checkpoint import load_checkpoint
+from engine.config import ConfigError, load_yaml
+from engine.errors import UserError, run_entry
+from engine.files import write_json
+from engine.rundir import LOG_NAME, read_log
 
 # ---------------------------------------------------------------- variants and command lines
 
@@ -201,30 +231,6 @@ def read_timed_run(folder, started):
 
 
 # ---------------------------------------------------------------- main
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--variants", help="comma-separated variants, the YAML files of configs/study/ "
-                                      "(default: all of them but base)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds; each variant runs once per seed")
-    p.add_argument("--output", help="JSON table; the runs go in folders beside it, one per variant and seed "
-                                    "(default checkpoints/study/study.json, or with --budget-seconds "
-                                    "checkpoints/study/time-<budget>s/study.json)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a train.py config key for every run, after the variant's own (repeatable); "
-                        "relative paths are from the repository root")
-    p.add_argument("--train-images", type=int, default=TRAIN_IMAGES,
-                   help="training images to write when the study's data is absent (3 captions each)")
-    p.add_argument("--rerun", action="store_true",
-                   help="run again even where a run finished before (its report.json, or scored.json at equal time)")
-    p.add_argument("--budget-seconds", type=float, help="equal wall time: train every run for this many seconds "
-                                                         "(train.py's start-up included), then stop and score it")
-    p.add_argument("--grace-seconds", type=float, default=60.0,
-                   help="after the budget's SIGTERM, how long a run may take to stop before SIGKILL")
-    p.add_argument("--format", choices=TEXT_FORMATS, default="table",
-                   help="how the table is printed: aligned text, markdown (for the README) or csv")
-    return p.parse_args(argv)
-
 
 def check_args(args):
     known = variant_names()

@@ -22,7 +22,6 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dataset import read_captions_csv
 from engine.files import atomic_write
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 230), "yellow": (240, 215, 40),
@@ -204,6 +203,7 @@ def make_demo(train_root, valid_root, text_model, train_images=3000, captions_pe
         written.append(valid_root)
     if not os.path.isfile(os.path.join(text_model, "config.json")):
         if train_rows is None:
+            from dataset import read_captions_csv  # here, not at the top: dataset loads torch and transformers
             train_rows = [values for _, values in read_captions_csv(os.path.join(train_root, "captions.csv"))]
         write_text_model(text_model, [c for _, c in train_rows], language, seed=seed)
         print(f"demo: wrote a tiny text encoder and tokenizer to {text_model}")

@@ -26,7 +26,9 @@ import json
 import os
 
 from engine.errors import run_entry
-from engine.rundir import LOCK_NAME, LOG_NAME, read_log
+
+# engine.rundir's names are imported by the functions that read a run folder: that module loads torch (for its
+# checkpoints, seconds and hundreds of MB), which --help and the tables' renderers (bench.study) never need.
 
 try:
     import fcntl
@@ -92,6 +94,7 @@ def load_weights_only(path):
 
 def is_running(folder):
     """True while a live process holds the run lock (the system drops it when its process dies)."""
+    from engine.rundir import LOCK_NAME
     path = os.path.join(folder, LOCK_NAME)
     if fcntl is None or not os.path.isfile(path):
         return False
@@ -122,6 +125,7 @@ def dig(entry, *keys):
 def read_run(folder):
     """One row: {run, status, epochs, planned, best_epoch, select_rsum, i2t_R@1, t2i_R@1, pairs_per_s,
     seconds, config, missing}."""
+    from engine.rundir import LOG_NAME, read_log
     row = {"run": folder, "status": None, "epochs": None, "planned": None, "best_epoch": None,
            "select_rsum": None, "report_i2t_R@1": None, "report_t2i_R@1": None, "pairs_per_s": None,
            "seconds": None, "config": {}, "missing": []}
