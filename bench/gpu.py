@@ -1,7 +1,7 @@
 """CUDA acceptance check: every GPU path of the trainer in one command, as a PASS/FAIL table and a JSON file.
 
     python -m bench.gpu                          # on a GPU: ResNet50 + a roberta-base-sized tower, a few minutes
-    python -m bench.gpu --device cpu             # every check in a tiny form, about a minute; the tests run it
+    python -m bench.gpu --device cpu             # every check in a tiny form, about two minutes; the tests run it
     python -m bench.gpu --only train,gradients   # a subset of: train gradients torchrun inference memory compile
 
 Random weights, nothing downloaded. On the CPU the autocast rows are SKIP; every other row runs the same code.
