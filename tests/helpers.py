@@ -1,6 +1,7 @@
 """What the tests build for themselves: dataset folders in the real layout, a tiny text model, command lines for
 seconds-long CPU runs, and a tiny trained checkpoint. Every test imports these as `from tests.helpers import ...`;
 fixtures live in conftest.py."""
+import contextlib
 import csv
 import os
 import random
@@ -136,6 +137,17 @@ def spawn(target, *args, world_size=2):
     for p in procs:
         p.join(timeout=300)
         assert p.exitcode == 0
+
+
+@contextlib.contextmanager
+def gloo_group(rank, world_size, port):
+    """The gloo process group of one of spawn's processes; left after a barrier, so that no process tears it down
+    while another still sends."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    yield
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def spawn_into(folder, target, *args):

@@ -2,7 +2,6 @@
 gradients and queue, two gloo processes give one process's loss, update and queue, and a save and resume
 through torch.load(weights_only=True) continues exactly."""
 import io
-import os
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from engine.momentum import MomentumTowers
 from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss
-from tests.helpers import B, NoScaler, assert_same, grads, spawn, tiny_batch, tiny_model
+from tests.helpers import B, NoScaler, assert_same, gloo_group, grads, spawn, tiny_batch, tiny_model
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 QUEUE = 24  # one and a half batches: the ring wraps on the second push
@@ -161,18 +160,15 @@ def check_feature_steps(result_path):
 
 
 def model_worker(rank, world_size, port, text_dir, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
-    torch.save(feature_steps(rank, world_size), f"{result_path}.features.{rank}")
-    model, loss_fn, towers, opt = build(text_dir, 0.9, rank, world_size)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    history = run(model, loss_fn, towers, opt, text_dir, range(2), micro=4, ddp=ddp, rank=rank,
-                  world_size=world_size)
-    torch.save(([h[0] for h in history], model.state_dict(), loss_fn.state_dict(), towers.state_dict()),
-               f"{result_path}.{rank}")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    with gloo_group(rank, world_size, port):
+        torch.set_num_threads(1)
+        torch.save(feature_steps(rank, world_size), f"{result_path}.features.{rank}")
+        model, loss_fn, towers, opt = build(text_dir, 0.9, rank, world_size)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        history = run(model, loss_fn, towers, opt, text_dir, range(2), micro=4, ddp=ddp, rank=rank,
+                      world_size=world_size)
+        torch.save(([h[0] for h in history], model.state_dict(), loss_fn.state_dict(), towers.state_dict()),
+                   f"{result_path}.{rank}")
 
 
 def test_two_processes_keep_one_processs_queue_loss_and_update(tiny_data, two_steps, tmp_path):

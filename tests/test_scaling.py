@@ -15,6 +15,7 @@ from tests.helpers import (
     NoScaler,
     assert_same,
     free_port,
+    gloo_group,
     grads,
     spawn_into,
     tiny_batch,
@@ -108,15 +109,12 @@ MICRO = (None, 4)
 
 def ddp_worker(rank, world_size, port, text_dir, result_dir):
     """The step without and with gradient caching, in one pair of processes (starting one costs seconds)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
-    for micro in MICRO:
-        result = ddp_step(rank, world_size, text_dir, micro)
-        if rank == 0:
-            torch.save(result, os.path.join(result_dir, f"rank0-{micro}.pt"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    with gloo_group(rank, world_size, port):
+        torch.set_num_threads(1)
+        for micro in MICRO:
+            result = ddp_step(rank, world_size, text_dir, micro)
+            if rank == 0:
+                torch.save(result, os.path.join(result_dir, f"rank0-{micro}.pt"))
 
 
 @pytest.fixture(scope="module")

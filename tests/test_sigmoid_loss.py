@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from engine.step import cached_step, plain_step
 from loss import ContrastiveLoss, SigmoidLoss, make_loss
-from tests.helpers import B, NoScaler, assert_same, grads, spawn_into, tiny_batch, tiny_model
+from tests.helpers import B, NoScaler, assert_same, gloo_group, grads, spawn_into, tiny_batch, tiny_model
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 
@@ -159,17 +159,15 @@ MICRO = (None, 4)
 def worker(rank, world_size, port, text_dir, result_dir):
     """Everything the two-process tests compare, in one pair of processes (starting one costs seconds): the
     loss on fixed features, then a step of the tiny model without and with gradient caching."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    img, txt = feature_batch()
-    part = slice(rank * N_FEAT // world_size, (rank + 1) * N_FEAT // world_size)
-    torch.save(feature_grads(img[part], txt[part], FEAT_IDS[part], rank, world_size),
-               os.path.join(result_dir, f"features.{rank}"))
-    torch.set_num_threads(1)
-    for micro in MICRO:
-        torch.save(model_step(rank, world_size, text_dir, micro), os.path.join(result_dir, f"model-{micro}.{rank}"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    with gloo_group(rank, world_size, port):
+        img, txt = feature_batch()
+        part = slice(rank * N_FEAT // world_size, (rank + 1) * N_FEAT // world_size)
+        torch.save(feature_grads(img[part], txt[part], FEAT_IDS[part], rank, world_size),
+                   os.path.join(result_dir, f"features.{rank}"))
+        torch.set_num_threads(1)
+        for micro in MICRO:
+            torch.save(model_step(rank, world_size, text_dir, micro),
+                       os.path.join(result_dir, f"model-{micro}.{rank}"))
 
 
 @pytest.fixture(scope="module")
